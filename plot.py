@@ -1,0 +1,509 @@
+"""Learning curves and a results table from run folders.
+
+Usage:
+    python plot.py runs/                        # every run under runs/, output in runs/plots/
+    python plot.py runs/ old_runs/ --out figs --format pdf
+    python plot.py runs/ --methods redq_adaptive_bc td3_bc --envs hopper --datasets medium
+    python plot.py runs/ --smooth 5             # moving average over 5 evaluations per run
+    python plot.py runs/ --raw-returns          # return_mean instead of the normalized score
+
+It reads only what each run writes (see CONVENTIONS.md):
+    <env>-<dataset>__<method>__<seed>__<unixtime>/config.json   method, env, dataset, seed
+    <env>-<dataset>__<method>__<seed>__<unixtime>/progress.csv  one row per evaluation
+If config.json is missing or lacks a key, the key comes from the folder name.
+
+It writes into --out (default: <first input folder>/plots):
+    score.<fmt>  the paper's Figure 2: one panel per env-dataset (rows env, columns
+                 dataset), normalized score (x100) against online environment steps,
+                 one line per method: mean and a band of one std over seeds
+    alpha.<fmt>  the same grid for alpha (the BC weight the adaptive controller moves);
+                 methods that log no alpha are left out
+    curves.csv   every plotted point: quantity, env, dataset, method, step, mean, std, n_runs
+    results.md   the results table (also printed to stdout)
+
+Pipeline: find and load runs -> group by (env, dataset, method) -> align seeds -> plot -> table.
+
+Honest alignment: seeds of one group may stop at different steps or evaluate at different
+steps. A group's curve exists only where every one of its runs has data: from the latest
+first online step to the earliest last online step (the shortest run), on the union of the
+runs' evaluation steps in that range, each run linearly interpolated there. Nothing is
+extrapolated, so every point averages all n runs (n_runs in curves.csv, n in the legend).
+
+The table, per env-dataset and method, each cell "mean ± std over seeds":
+    pre-trained  last offline evaluation (the online step-0 evaluation when the run has no
+                 offline rows; a run with neither is left out of this cell)
+    final        last online evaluation
+    online mean  mean of all online evaluations (a regret-like summary of stability)
+    dip          lowest evaluation at online steps <= 10% of that run's last online step
+std is the population standard deviation over seeds (numpy's default, ddof=0; 0 for one
+seed). The table uses the raw evaluations: --smooth changes only the curves.
+
+A run folder that cannot be used (no progress.csv, an empty one, unparsable values, no
+online rows yet) is skipped with one line on stderr; a partial last line (a run still
+being written) is dropped and the rest of the run is used.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+# Panel order for the grid; names not listed here follow in alphabetical order.
+ENV_ORDER = ["hopper", "halfcheetah", "walker2d", "ant"]
+DATASET_ORDER = ["random", "simple", "medium", "medium-replay", "medium-expert", "expert"]
+DIP_FRACTION = 0.1  # the dip is looked for in the first 10% of fine-tuning
+TABLE_COLUMNS = [  # (key in summarize_run's dict, table header)
+    ("pretrained", "pre-trained"),
+    ("final", "final"),
+    ("online_mean", "online mean"),
+    ("dip", "dip (first 10%)"),
+]
+
+
+class SkipRun(Exception):
+    """A run folder that cannot be used; the message says why (one line on stderr)."""
+
+
+@dataclass
+class Run:
+    folder: str
+    method: str
+    env: str
+    dataset: str
+    seed: int | None
+    offline_values: np.ndarray  # metric of the offline rows, in file order
+    online_steps: np.ndarray  # env steps of the online rows, increasing
+    online_values: np.ndarray  # metric of the online rows
+    alpha_steps: np.ndarray  # online rows that logged an alpha
+    alpha_values: np.ndarray
+
+
+# ---------------------------------------------------------------- loading runs
+
+
+def find_run_folders(tops):
+    """Every run folder under the given folders: one holding progress.csv or config.json,
+    or named <a>__<b>__<c>__<d>. Run folders are not searched further."""
+    found = []
+    for top in tops:
+        for folder, subdirs, files in os.walk(top):
+            name = os.path.basename(os.path.normpath(folder))
+            if "progress.csv" in files or "config.json" in files or len(name.split("__")) == 4:
+                found.append(folder)
+                subdirs[:] = []
+            subdirs.sort()
+    unique = {os.path.realpath(f): f for f in reversed(found)}  # a folder given twice counts once
+    return sorted(unique.values())
+
+
+def parse_folder_name(folder):
+    """'hopper-medium-replay__td3_bc__3__1700000000' -> env hopper, dataset medium-replay,
+    method td3_bc, seed 3. Returns {} when the name does not have that shape."""
+    parts = os.path.basename(os.path.normpath(folder)).split("__")
+    if len(parts) < 2 or "-" not in parts[0]:
+        return {}
+    env, dataset = parts[0].split("-", 1)
+    meta = {"env": env, "dataset": dataset, "method": parts[1]}
+    if len(parts) > 2 and parts[2].lstrip("-").isdigit():
+        meta["seed"] = int(parts[2])
+    return meta
+
+
+def read_meta(folder):
+    """method, env, dataset, seed of a run: from config.json, else from the folder name."""
+    config = {}
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            loaded = json.load(f)
+        if isinstance(loaded, dict):
+            config = loaded
+    except (OSError, ValueError):
+        pass  # missing, unreadable or half-written: fall back to the folder name
+    from_name = parse_folder_name(folder)
+    meta = {}
+    for key in ("method", "env", "dataset", "seed"):
+        value = config.get(key)
+        meta[key] = from_name.get(key) if value in (None, "") else value
+    if not all(isinstance(meta[k], str) and meta[k] for k in ("method", "env", "dataset")):
+        raise SkipRun(
+            "cannot tell method/env/dataset: no usable config.json and the folder name "
+            "is not <env>-<dataset>__<method>__<seed>__<unixtime>"
+        )
+    try:
+        meta["seed"] = None if meta["seed"] is None else int(meta["seed"])
+    except (TypeError, ValueError):
+        meta["seed"] = None
+    return meta
+
+
+def read_progress(path):
+    """The header and the complete rows of a progress.csv (a partial last line is dropped)."""
+    if not os.path.exists(path):
+        raise SkipRun("no progress.csv")
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SkipRun(f"progress.csv unreadable ({getattr(e, 'strerror', None) or e})")
+    if not text.strip():
+        raise SkipRun("progress.csv is empty")
+    if not text.endswith("\n"):  # still being written: the last line may be cut anywhere
+        text = text[: text.rfind("\n") + 1]
+    lines = list(csv.reader(io.StringIO(text)))
+    if not lines:
+        raise SkipRun("progress.csv has no complete header line yet")
+    header, rows = lines[0], [(n, r) for n, r in enumerate(lines[1:], start=2) if r]
+    if not rows:
+        raise SkipRun("progress.csv has a header but no rows yet")
+    return header, rows
+
+
+def to_float(text, column, line):
+    """A csv field as a float; empty means not applicable (NaN)."""
+    if not text.strip():
+        return np.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise SkipRun(f"progress.csv line {line}: {column}={text!r} is not a number")
+
+
+def load_run(folder, metric="normalized_score", meta=None):
+    """One run folder -> Run, or SkipRun saying why it cannot be used."""
+    meta = meta or read_meta(folder)
+    header, rows = read_progress(os.path.join(folder, "progress.csv"))
+    for column in ("phase", "step", metric):
+        if column not in header:
+            raise SkipRun(f"progress.csv has no {column} column")
+    col = {name: i for i, name in enumerate(header)}
+    phase, step, value, alpha = [], [], [], []
+    for line, row in rows:
+        if len(row) < len(header):
+            raise SkipRun(f"progress.csv line {line}: {len(row)} fields, header has {len(header)}")
+        if row[col["phase"]] not in ("offline", "online"):
+            raise SkipRun(f"progress.csv line {line}: phase {row[col['phase']]!r} is not offline or online")
+        phase.append(row[col["phase"]])
+        step.append(to_float(row[col["step"]], "step", line))
+        value.append(to_float(row[col[metric]], metric, line))
+        alpha.append(to_float(row[col["alpha"]], "alpha", line) if "alpha" in col else np.nan)
+    phase, step, value, alpha = np.array(phase), np.array(step), np.array(value), np.array(alpha)
+
+    online = phase == "online"
+    if not online.any():
+        raise SkipRun("no online rows yet (still pre-training?)")
+    order = np.argsort(step[online], kind="stable")
+    on_step, on_value, on_alpha = step[online][order], value[online][order], alpha[online][order]
+    has_value, has_alpha = ~np.isnan(on_value), ~np.isnan(on_alpha)
+    if not has_value.any():
+        raise SkipRun(f"no {metric} values in the online rows")
+    offline_values = value[(phase == "offline") & ~np.isnan(value)]
+    return Run(
+        folder, meta["method"], meta["env"], meta["dataset"], meta["seed"], offline_values,
+        on_step[has_value], on_value[has_value], on_step[has_alpha], on_alpha[has_alpha],
+    )
+
+
+def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets=None):
+    """All usable runs under the given folders that pass the filters; each unusable one is
+    reported with one line on stderr."""
+    runs = []
+    for folder in find_run_folders(tops):
+        try:
+            meta = read_meta(folder)
+            if (methods and meta["method"] not in methods) or (envs and meta["env"] not in envs) or (
+                datasets and meta["dataset"] not in datasets
+            ):
+                continue  # filtered out, not broken: say nothing
+            runs.append(load_run(folder, metric, meta))
+        except SkipRun as e:
+            print(f"skipping {folder}: {str(e).splitlines()[0]}", file=sys.stderr)
+    return runs
+
+
+# ---------------------------------------------------------------- grouping and alignment
+
+
+def ordered(names, preferred):
+    return sorted(set(names), key=lambda x: (preferred.index(x) if x in preferred else len(preferred), x))
+
+
+def group_runs(runs):
+    """{(env, dataset, method): [runs]} in grid order (env, dataset), then method name."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run.env, run.dataset, run.method), []).append(run)
+    envs = ordered([k[0] for k in groups], ENV_ORDER)
+    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
+    keys = sorted(groups, key=lambda k: (envs.index(k[0]), datasets.index(k[1]), k[2]))
+    return {k: groups[k] for k in keys}
+
+
+def smooth(values, k):
+    """Trailing moving average over the last k evaluations (fewer at the start): the curve
+    keeps its length and a point never sees later evaluations."""
+    values = np.asarray(values, dtype=float)
+    if k <= 1 or len(values) == 0:
+        return values
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - k, 0)
+    return (csum[end] - csum[start]) / (end - start)
+
+
+def align(curves):
+    """curves: one (steps, values) per run, steps increasing. Returns (grid, matrix):
+    grid is the union of the runs' steps inside [latest first step, earliest last step],
+    matrix[i] is run i linearly interpolated on grid. No extrapolation: an empty grid when
+    the runs share no range."""
+    lo = max(steps[0] for steps, _ in curves)
+    hi = min(steps[-1] for steps, _ in curves)
+    grid = np.unique(np.concatenate([steps for steps, _ in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    matrix = np.array([np.interp(grid, steps, values) for steps, values in curves])
+    return grid, matrix.reshape(len(curves), len(grid))
+
+
+def mean_curve(curves, k=1):
+    """Smooth each run (window k), align, then mean, population std and run count per point."""
+    grid, matrix = align([(steps, smooth(values, k)) for steps, values in curves])
+    return grid, matrix.mean(axis=0), matrix.std(axis=0), np.isfinite(matrix).sum(axis=0)
+
+
+# ---------------------------------------------------------------- table
+
+
+def summarize_run(run):
+    """The four numbers of the table for one run (None where the run has no such value)."""
+    steps, values = run.online_steps, run.online_values
+    if len(run.offline_values):
+        pretrained = float(run.offline_values[-1])
+    elif (steps == 0).any():
+        pretrained = float(values[steps == 0][0])
+    else:
+        pretrained = None
+    early = steps <= DIP_FRACTION * steps[-1]
+    return {
+        "pretrained": pretrained,
+        "final": float(values[-1]),
+        "online_mean": float(values.mean()),
+        "dip": float(values[early].min()) if early.any() else None,  # no eval that early
+    }
+
+
+def mean_std(values):
+    """(mean, population std, count) of the values that are not None; None if there are none."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if len(v) == 0:
+        return None
+    return float(v.mean()), float(v.std()), len(v)  # np.std: ddof=0, population std
+
+
+def format_cell(stats, n_seeds):
+    if stats is None:
+        return ""
+    mean, std, count = stats
+    text = f"{mean:.2f} ± {std:.2f}"
+    return text if count == n_seeds else f"{text} (n={count})"
+
+
+def results_table(groups, metric="normalized_score"):
+    """Markdown table: one row per (env, dataset, method), footer saying what the numbers are."""
+    head = ["env", "dataset", "method", "seeds"] + [title for _, title in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 3)) + "|"]
+    for (env, dataset, method), runs in groups.items():
+        summaries = [summarize_run(r) for r in runs]
+        cells = [format_cell(mean_std([s[key] for s in summaries]), len(runs)) for key, _ in TABLE_COLUMNS]
+        lines.append("| " + " | ".join([env, dataset, method, str(len(runs))] + cells) + " |")
+    quantity = "normalized score (x100)" if metric == "normalized_score" else metric
+    lines += [
+        "",
+        f"Values: {quantity}, mean ± std over seeds; std is the population standard deviation "
+        "(ddof=0); (n=k) marks a cell that only k of the seeds have. "
+        "pre-trained: last offline evaluation (online step-0 evaluation if the run has no offline rows). "
+        "final: last online evaluation. online mean: mean of all online evaluations. "
+        f"dip: lowest evaluation at online steps <= {DIP_FRACTION:.0%} of the run's last online step. "
+        "Raw evaluations, no smoothing.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- curves and figures
+
+
+def curves_for(groups, quantity, k):
+    """{(env, dataset): [(method, grid, mean, std, n_runs)]} for quantity 'value' or 'alpha'."""
+    panels = {}
+    for (env, dataset, method), runs in groups.items():
+        if quantity == "alpha":
+            curves = [(r.alpha_steps, r.alpha_values) for r in runs if len(r.alpha_steps)]
+        else:
+            curves = [(r.online_steps, r.online_values) for r in runs]
+        if not curves:
+            continue  # this method logs no alpha
+        grid, mean, std, n_runs = mean_curve(curves, k)
+        if len(grid) == 0:
+            print(f"note: {env}-{dataset} {method}: its runs share no online step range, not plotted",
+                  file=sys.stderr)
+            continue
+        panels.setdefault((env, dataset), []).append((method, grid, mean, std, n_runs))
+    return panels
+
+
+def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
+    """One panel per env-dataset (rows env, columns dataset), mean line and ±1 std band per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    size = (4.5 * len(datasets), 3.4 * len(envs))
+    fig, axes = plt.subplots(len(envs), len(datasets), figsize=size, squeeze=False)
+    for row, env in enumerate(envs):
+        for column, dataset in enumerate(datasets):
+            ax = axes[row][column]
+            lines = panels.get((env, dataset), [])
+            if not lines:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{env}-{dataset}\nno runs", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            for method, steps, mean, std, n_runs in lines:
+                ax.plot(steps, mean, color=colors[method], marker="o" if len(steps) == 1 else None,
+                        label=f"{method} (n={n_runs.min()})")
+                ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.2, linewidth=0)
+            ax.set_title(f"{env}-{dataset}")
+            ax.set_xlabel("online environment steps")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_curves_csv(path, named_panels):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["quantity", "env", "dataset", "method", "step", "mean", "std", "n_runs"])
+        for quantity, panels in named_panels:
+            for (env, dataset), lines in panels.items():
+                for method, steps, mean, std, n_runs in lines:
+                    for step, m, s, n in zip(steps, mean, std, n_runs):
+                        writer.writerow([quantity, env, dataset, method,
+                                         f"{step:g}", f"{m:.6g}", f"{s:.6g}", int(n)])
+
+
+# ---------------------------------------------------------------- command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"error: {message} (see python plot.py --help)\n")
+
+
+def positive_int(text):
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return k
+
+
+def parse_args(argv=None):
+    parser = Parser(
+        prog="plot.py",
+        description="Learning curves (Figure 2 style), alpha curves and a results table from run folders.",
+        epilog=(
+            "Writes score.<fmt>, alpha.<fmt>, curves.csv and results.md into --out and prints the table. "
+            "Curves: mean ± 1 std over seeds, only on the step range every seed of a method covers "
+            "(up to its shortest run's last step; n_runs per point in curves.csv). "
+            "Table: pre-trained (last offline eval), final (last online eval), online mean, dip (lowest eval "
+            "in the first 10% of online steps), each mean ± std over seeds, std = population std (ddof=0). "
+            "Unusable run folders are skipped with one line on stderr; no usable run: exit 2."
+        ),
+    )
+    parser.add_argument("folders", nargs="+",
+                        help="folders searched (recursively) for run folders, e.g. runs/")
+    parser.add_argument("--methods", nargs="+", metavar="M",
+                        help="only these methods (space- or comma-separated; put the folders first)")
+    parser.add_argument("--envs", nargs="+", metavar="E", help="only these envs, e.g. hopper walker2d")
+    parser.add_argument("--datasets", nargs="+", metavar="D",
+                        help="only these datasets, e.g. medium medium-replay")
+    parser.add_argument("--out", help="output folder (default: <first folder>/plots)")
+    parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png",
+                        help="figure file format (default: png)")
+    parser.add_argument("--smooth", type=positive_int, default=1, metavar="K",
+                        help="trailing moving average over K evaluations per run, before averaging seeds; "
+                        "curves only, not the table (default: 1 = none)")
+    parser.add_argument("--raw-returns", action="store_true",
+                        help="use return_mean instead of normalized_score (curves and table)")
+    args = parser.parse_args(argv)
+    for name in ("methods", "envs", "datasets"):
+        values = getattr(args, name)
+        if values:
+            setattr(args, name, {v for text in values for v in text.split(",") if v})
+    return args
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    return 2
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for folder in args.folders:
+        if not os.path.isdir(folder):
+            return fail(f"error: no such folder: {folder}")
+    metric = "return_mean" if args.raw_returns else "normalized_score"
+    where = " ".join(args.folders)
+
+    runs = load_runs(args.folders, metric, args.methods, args.envs, args.datasets)
+    if not runs:
+        filters = args.methods or args.envs or args.datasets
+        filtered = " matching --methods/--envs/--datasets" if filters else ""
+        return fail(f"error: no runs with a readable progress.csv under {where}{filtered}")
+    groups = group_runs(runs)
+
+    envs = ordered([k[0] for k in groups], ENV_ORDER)
+    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
+    methods = sorted({k[2] for k in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # same color for a method in every panel
+    ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
+    out = args.out or os.path.join(args.folders[0], "plots")
+    table = results_table(groups, metric)
+    try:
+        os.makedirs(out, exist_ok=True)
+        score_panels = curves_for(groups, "value", args.smooth)
+        alpha_panels = curves_for(groups, "alpha", args.smooth)
+        written = [os.path.join(out, f"score.{args.format}")]
+        plot_grid(score_panels, envs, datasets, colors, ylabel,
+                  f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds", written[0])
+        if alpha_panels:
+            written.append(os.path.join(out, f"alpha.{args.format}"))
+            plot_grid(alpha_panels, envs, datasets, colors, "alpha (BC weight)",
+                      "Online fine-tuning: alpha, mean ± 1 std over seeds", written[-1])
+        else:
+            print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
+        quantity = "score" if metric == "normalized_score" else "return"
+        write_curves_csv(os.path.join(out, "curves.csv"), [(quantity, score_panels), ("alpha", alpha_panels)])
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(table)
+    except OSError as e:
+        return fail(f"error: cannot write to {out}: {e.strerror or e}")
+    print(table)
+    for path in written + [os.path.join(out, "curves.csv"), os.path.join(out, "results.md")]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

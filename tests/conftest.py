@@ -1,0 +1,77 @@
+"""Shared test helpers: tiny Minari datasets written with Minari's own API, and script runners."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_minari_dataset(dataset_id, episodes, env_id=None, observation_space=None, action_space=None, **metadata):
+    """Write episodes (dicts of arrays: observations T+1 rows, actions/rewards/terminations/truncations T rows)
+    as a Minari dataset in the current $MINARI_DATASETS_PATH."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, **{k: np.asarray(v) for k, v in ep.items()}) for i, ep in enumerate(episodes)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, observation_space=observation_space,
+                                                  action_space=action_space, **metadata)
+
+
+def hopper_episodes(num_episodes, length, seed=0, reward=None):
+    """Random-action Hopper-v5 shaped episodes (not simulated: shapes and values are all the tests need)."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for i in range(num_episodes):
+        rewards = rng.normal(size=length) if reward is None else np.full(length, reward)
+        episodes.append(dict(
+            observations=rng.normal(size=(length + 1, 11)),
+            actions=rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
+            rewards=rewards,
+            terminations=np.arange(length) == length - 1 if i % 2 == 0 else np.zeros(length, bool),
+            truncations=np.arange(length) == length - 1 if i % 2 == 1 else np.zeros(length, bool),
+        ))
+    return episodes
+
+
+def run_script(script, *flags, datasets_path, cwd, timeout=300):
+    """Run a script as a user would; returns the CompletedProcess (text)."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path)}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Tiny budgets that still exercise every phase: 3 offline and 4 online evaluations.
+TINY = ["--offline-steps", 40, "--online-steps", 60, "--eval-every", 20, "--eval-episodes", 1, "--utd", 2,
+        "--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100]
+
+
+@pytest.fixture(scope="session")
+def datasets_path(tmp_path_factory):
+    """A MINARI_DATASETS_PATH holding local/hopper/random-v0 (400 steps), built by the script itself."""
+    path = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        import redq_adaptive_bc as m
+        m.build_random_dataset("local/hopper/random-v0", "Hopper-v5", num_steps=400)
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+    return path
+
+
+def spaces(obs_dim, act_dim):
+    return dict(observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64),
+                action_space=gym.spaces.Box(-1, 1, (act_dim,), np.float32))

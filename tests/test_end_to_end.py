@@ -1,0 +1,147 @@
+"""redq_adaptive_bc.py run as a user runs it: a subprocess, tiny budgets, a dataset the test builds."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import redq_adaptive_bc as m
+from conftest import TINY, hopper_episodes, make_minari_dataset, run_script, spaces
+
+
+def read_progress(run_dir):
+    with open(run_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(datasets_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, "--output-dir", out,
+                      datasets_path=datasets_path, cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = out.iterdir()
+    return run_dir, proc
+
+
+def test_run_writes_config_progress_and_checkpoints(finished_run):
+    run_dir, proc = finished_run
+    assert run_dir.name.startswith("hopper-random__redq_adaptive_bc__0__")
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "progress.csv", "offline.pt", "final.pt"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset_id"] == "local/hopper/random-v0" and config["method"] == "redq_adaptive_bc"
+    assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (-20.272305, 3234.3, "D4RL table")
+    assert config["alpha_offline"] == 0.4 and config["offline_kept"] == 100  # keep-min 100 of 400
+    rows = read_progress(run_dir)
+    with open(run_dir / "progress.csv") as f:
+        assert f.readline().strip().split(",")[:12] == m.COLUMNS[:12]
+    assert [(r["phase"], int(r["step"])) for r in rows] == [
+        ("offline", 0), ("offline", 20), ("offline", 40), ("online", 0), ("online", 20), ("online", 40), ("online", 60)]
+    assert all(float(r["critic_loss"]) > 0 for r in rows if int(r["step"]) > 0)
+    assert proc.stdout.strip().splitlines()[-1].startswith("final normalized score")
+
+
+def test_alpha_moves_online_and_stays_in_bounds(finished_run):
+    rows = [r for r in read_progress(finished_run[0]) if r["phase"] == "online"]
+    alphas = [float(r["alpha"]) for r in rows]
+    # A random-data agent scores far below R_target = 1, so the P term lowers alpha from 0.4 after
+    # every episode, by about 3e-5 x (R - 1) x length per episode (60 steps: roughly -2e-3).
+    assert alphas[0] == 0.4 and 0.39 < alphas[-1] < 0.4
+    assert all(b <= a for a, b in zip(alphas, alphas[1:]))
+
+
+def test_load_offline_skips_pretraining(finished_run, datasets_path, tmp_path):
+    run_dir, _ = finished_run
+    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, "--load-offline", run_dir / "offline.pt",
+                      "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (new_run,) = tmp_path.iterdir()
+    assert {r["phase"] for r in read_progress(new_run)} == {"online"}
+    assert not (new_run / "offline.pt").exists() and (new_run / "final.pt").exists()
+    # The fine-tuned agent started from the loaded weights: before fine-tuning, its actor was the saved one.
+    saved = torch.load(run_dir / "offline.pt", weights_only=True)["agent"]["actor"]
+    final = torch.load(new_run / "final.pt", weights_only=True)["agent"]["actor"]
+    drift = max((saved[k] - final[k]).abs().max().item() for k in saved if k.startswith("net"))
+    assert drift < 0.05  # 30 small Adam steps from the loaded weights; a fresh init would differ by ~0.5
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def bad_checkpoints(tmp_path):
+    other_env = tmp_path / "walker.pt"
+    torch.save({"meta": {"env_id": "Walker2d-v5", "obs_dim": 17, "act_dim": 6}, "agent": {}}, other_env)
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": Evil(), "agent": {}}, evil)
+    return other_env, evil
+
+
+def one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "pendulum"], "invalid choice 'pendulum' for argument '--env'"),
+    (["--dataset", "medium-randomized"], "--dataset"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--offline-steps", "-5"], "--offline-steps must be positive"),
+    (["--online-steps", "0"], "--online-steps must be positive"),
+    (["--num-min-critics", "11"], "at most --num-critics"),
+    (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1]"),
+    (["--keep-ratio", "1.5"], "--keep-ratio must be in (0, 1]"),
+    (["--utd", "nan"], "--utd"),
+    (["--load-offline", "missing.pt"], "no such file: missing.pt"),
+    (["--load-offline", "walker.pt"], "trained on Walker2d-v5"),
+    (["--load-offline", "evil.pt"], "is not a checkpoint of this script"),
+    (["--dataset-id", "local/hopper/nothing-v0"], "local/hopper/nothing-v0 not found"),
+    (["--dataset", "medium-replay"], "medium-replay"),
+])
+def test_bad_input_gives_one_line_and_exit_2(flags, message, datasets_path, tmp_path):
+    bad_checkpoints(tmp_path)
+    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, *flags, "--output-dir", tmp_path / "runs",
+                      datasets_path=datasets_path, cwd=tmp_path)
+    assert proc.returncode == 2 and one_error_line(proc), proc.stderr
+    assert message in proc.stderr
+    assert "this must never run" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()  # rejected before any work
+
+
+def test_dataset_whose_spaces_do_not_match_the_env(tmp_path):
+    import os
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_path)
+    try:  # a hopper-named dataset with 5-dim observations and no env spec to recover
+        episodes = [dict(observations=np.zeros((4, 5)), actions=np.zeros((3, 3), np.float32), rewards=np.ones(3),
+                         terminations=[False, False, True], truncations=[False] * 3)]
+        make_minari_dataset("local/hopper/random-v0", episodes, **spaces(5, 3))
+    finally:
+        del os.environ["MINARI_DATASETS_PATH"]
+    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, datasets_path=tmp_path, cwd=tmp_path)
+    assert proc.returncode == 2 and one_error_line(proc), proc.stderr
+    assert "observation_space" in proc.stderr and "does not match Hopper-v5" in proc.stderr
+
+
+def test_nan_in_dataset_and_nan_in_loss(tmp_path):
+    import os
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_path)
+    try:
+        nan_eps = hopper_episodes(2, 10)
+        nan_eps[1]["observations"][3, 4] = np.nan
+        make_minari_dataset("local/hopper/nan-v0", nan_eps, env_id="Hopper-v5")
+        # Finite rewards whose squares overflow float32: the critic loss becomes inf.
+        make_minari_dataset("local/hopper/huge-v0", hopper_episodes(4, 50, reward=1e30), env_id="Hopper-v5")
+    finally:
+        del os.environ["MINARI_DATASETS_PATH"]
+    proc = run_script("redq_adaptive_bc.py", "--dataset-id", "local/hopper/nan-v0", *TINY, datasets_path=tmp_path,
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and one_error_line(proc) and "NaN or infinite values in obs" in proc.stderr
+    proc = run_script("redq_adaptive_bc.py", "--dataset-id", "local/hopper/huge-v0", *TINY, datasets_path=tmp_path,
+                      cwd=tmp_path)
+    assert proc.returncode == 1 and "became non-finite" in proc.stderr and "offline step 20" in proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(read_progress(run_dir)) == 2  # the rows up to the failure are kept
+    assert not (run_dir / "final.pt").exists() and not (run_dir / "offline.pt").exists()
