@@ -178,6 +178,8 @@ class Args:
     """return that normalizes to 100 (default: dataset metadata, else D4RL's expert score)"""
     load_offline: Optional[str] = None
     """path to an offline.pt: skip pre-training and fine-tune that agent"""
+    compile: bool = False
+    """torch.compile the gradient step (CUDA: also CUDA graphs); same results, faster on GPU (README)"""
 
 
 class UsageError(Exception):
@@ -547,39 +549,58 @@ class Agent:
         self.critic = CriticEnsemble(args.num_critics, obs_dim, act_dim, **net).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, foreach=True)
-        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, foreach=True)
+        # CUDA graphs need the optimizer's step counter on the device (capturable); otherwise fused is fastest.
+        optim = dict(capturable=True) if args.compile and device.type == "cuda" else dict(fused=True)
+        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, **optim)
+        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, **optim)
         self.args = args
         self.num_updates = 0
         self.last_actor_loss = torch.zeros((), device=device)
 
+    def critic_step(self, batch: Batch):
+        """Eq. 3 for all N critics, with a fresh random subset of M critics for the target (REDQ)."""
+        a = self.args
+        critic_idx = None  # M = N: the min over all critics, no subset to draw
+        if a.num_min_critics < a.num_critics:
+            critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[: a.num_min_critics]
+        y = td_target(batch, self.actor_target, self.critic_target, critic_idx, a.gamma, a.policy_noise, a.noise_clip)
+        loss, q_mean = critic_loss(self.critic, batch, y, a.critic_loss_reduction)
+        self.critic_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_optim.step()
+        return loss.detach(), q_mean
+
+    def actor_step(self, batch: Batch, alpha):
+        """Eq. 4. The critics are frozen: the actor's gradient flows through Q, not into it."""
+        self.critic.requires_grad_(False)
+        loss = actor_loss(self.actor, self.critic, batch, alpha)
+        self.actor_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_optim.step()
+        self.critic.requires_grad_(True)
+        return loss.detach()
+
+    def target_step(self):
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        soft_update(self.actor_target, self.actor, self.args.tau)
+
     def update(self, batch: Batch, alpha):
         """One gradient step. No host-device synchronization: metrics stay tensors."""
-        a = self.args
         self.num_updates += 1
-        update_actor = self.num_updates % a.policy_freq == 0
-
-        # A fresh random subset of M critics per gradient step (REDQ).
-        critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[: a.num_min_critics]
-        y = td_target(batch, self.actor_target, self.critic_target, critic_idx, a.gamma, a.policy_noise, a.noise_clip)
-        loss_q, q_mean = critic_loss(self.critic, batch, y, a.critic_loss_reduction)
-        self.critic_optim.zero_grad(set_to_none=True)
-        loss_q.backward()
-        self.critic_optim.step()
-
+        update_actor = self.num_updates % self.args.policy_freq == 0
+        critic_loss_value, q_mean = self.critic_step(batch)
         if update_actor:
-            self.critic.requires_grad_(False)  # the actor's gradient flows through Q, not into it
-            loss_pi = actor_loss(self.actor, self.critic, batch, alpha)
-            self.actor_optim.zero_grad(set_to_none=True)
-            loss_pi.backward()
-            self.actor_optim.step()
-            self.critic.requires_grad_(True)
-            self.last_actor_loss = loss_pi.detach()
+            self.last_actor_loss = self.actor_step(batch, alpha)
+        if update_actor or not self.args.delay_target_updates:
+            self.target_step()
+        return {"critic_loss": critic_loss_value, "actor_loss": self.last_actor_loss, "q_mean": q_mean}
 
-        if update_actor or not a.delay_target_updates:
-            soft_update(self.critic_target, self.critic, a.tau)
-            soft_update(self.actor_target, self.actor, a.tau)
-        return {"critic_loss": loss_q.detach(), "actor_loss": self.last_actor_loss, "q_mean": q_mean}
+    def compile(self):
+        """--compile: torch.compile each part of the step (on CUDA also captured as CUDA graphs)."""
+        mode = "reduce-overhead" if self.last_actor_loss.is_cuda else None
+        self.critic_step = torch.compile(self.critic_step, mode=mode)
+        self.actor_step = torch.compile(self.actor_step, mode=mode)
+        self.target_step = torch.compile(self.target_step, mode=mode)
 
     def state_dict(self):
         return {name: getattr(self, name).state_dict() for name in
@@ -731,6 +752,8 @@ def main(args: Args):
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     agent = Agent(obs_dim, act_dim, low, high, args, device)
+    if args.compile:
+        agent.compile()
     meta = dict(env_id=info["env_id"], obs_dim=obs_dim, act_dim=act_dim, method=METHOD)
     if args.load_offline:
         load_checkpoint(args.load_offline, agent, meta)

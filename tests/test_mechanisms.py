@@ -319,3 +319,23 @@ def test_checkpoint_round_trip_and_rejection_of_other_envs(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(), other.critic.parameters()))
     with pytest.raises(m.UsageError, match="trained on Hopper-v5"):
         m.load_checkpoint(tmp_path / "offline.pt", other, {**meta, "env_id": "Walker2d-v5"})
+
+
+def test_compiled_step_matches_eager_step():
+    # M = N and no target noise make the step deterministic given the batch, whatever the RNG.
+    torch.manual_seed(0)
+    eager = tiny_agent(num_min_critics=3, policy_noise=0.0)
+    compiled = tiny_agent(num_min_critics=3, policy_noise=0.0)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # a critic-only step, then a step with the actor
+        b = m.Batch(torch.randn(4, 2, generator=g), torch.rand(4, 1, generator=g) * 2 - 1,
+                    torch.randn(4, generator=g), torch.randn(4, 2, generator=g), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+        out_e, out_c = eager.update(b, torch.tensor(0.4)), compiled.update(b, torch.tensor(0.4))
+        for key in out_e:
+            assert torch.allclose(out_e[key], out_c[key], atol=1e-5), key
+    for name in ("actor", "critic", "actor_target", "critic_target"):
+        for p, q in zip(getattr(eager, name).parameters(), getattr(compiled, name).parameters()):
+            assert torch.allclose(p, q, atol=1e-5), name
+    assert not torch.equal(eager.actor.net[0].weight, tiny_agent().actor.net[0].weight)  # something was trained
