@@ -171,7 +171,7 @@ class Args:
 
     # Data and checkpoints
     random_dataset_steps: int = 1_000_000
-    """size of the locally built random dataset (D4RL: 1M)"""
+    """size of the locally built random dataset (D4RL: 1M; other sizes get the id local/<env>/random-<n>steps-v0)"""
     ref_min_score: Optional[float] = None
     """return that normalizes to 0 (default: dataset metadata, else D4RL's random score)"""
     ref_max_score: Optional[float] = None
@@ -369,6 +369,8 @@ def resolve_dataset_id(args: Args) -> str:
         return args.dataset_id
     if args.dataset in REMOTE_DATASETS:
         return f"mujoco/{args.env}/{args.dataset}-v0"
+    if args.dataset == "random" and args.random_dataset_steps != 1_000_000:  # a smaller one gets its own id
+        return f"local/{args.env}/random-{args.random_dataset_steps}steps-v0"
     return f"local/{args.env}/{args.dataset}-v0"
 
 
@@ -402,8 +404,9 @@ def get_dataset(dataset_id, args: Args):
         return minari.load_dataset(dataset_id)
     env_name = dataset_id.split("/")[1] if dataset_id.count("/") == 2 else args.env
     name = dataset_id.split("/")[-1]
-    if dataset_id.startswith("local/") and name == "random-v0" and env_name in ENV_IDS:
-        build_random_dataset(dataset_id, ENV_IDS[env_name], args.random_dataset_steps)
+    random_recipe = re.fullmatch(r"random(?:-(\d+)steps)?-v0", name)
+    if dataset_id.startswith("local/") and random_recipe and env_name in ENV_IDS:
+        build_random_dataset(dataset_id, ENV_IDS[env_name], int(random_recipe.group(1) or 1_000_000))
     elif dataset_id.startswith("local/") and name == "medium-expert-v0" and env_name in ENV_IDS:
         parts = [get_dataset(f"mujoco/{env_name}/{part}-v0", args) for part in ("medium", "expert")]
         with staged_dataset(dataset_id), warnings.catch_warnings():
@@ -727,7 +730,7 @@ def setup(args: Args):
     ref_min, ref_max, ref_source = reference_scores(dataset, env_name, args)
     data = flatten_episodes(dataset)
     if args.alpha_offline is None:
-        args.alpha_offline = 100.0 if (env_name, dataset_name) == ("walker2d", "random") else 0.4
+        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.split("-")[0] == "random" else 0.4
     if args.alpha_online is None:
         args.alpha_online = args.alpha_offline
     kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)

@@ -52,18 +52,18 @@ def run_script(script, *flags, datasets_path, cwd, timeout=300):
 
 # Tiny budgets that still exercise every phase: 3 offline and 4 online evaluations.
 TINY = ["--offline-steps", 40, "--online-steps", 60, "--eval-every", 20, "--eval-episodes", 1, "--utd", 2,
-        "--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100]
+        "--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100, "--random-dataset-steps", 400]
 
 
 @pytest.fixture(scope="session")
 def datasets_path(tmp_path_factory):
-    """A MINARI_DATASETS_PATH holding local/hopper/random-v0 (400 steps), built by the script itself."""
+    """A MINARI_DATASETS_PATH holding local/hopper/random-400steps-v0, built by the script itself."""
     path = tmp_path_factory.mktemp("minari")
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
         import redq_adaptive_bc as m
-        m.build_random_dataset("local/hopper/random-v0", "Hopper-v5", num_steps=400)
+        m.build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
     finally:
         if old is None:
             del os.environ["MINARI_DATASETS_PATH"]

@@ -28,10 +28,10 @@ def finished_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_config_progress_and_checkpoints(finished_run):
     run_dir, proc = finished_run
-    assert run_dir.name.startswith("hopper-random__redq_adaptive_bc__0__")
+    assert run_dir.name.startswith("hopper-random-400steps__redq_adaptive_bc__0__")
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "progress.csv", "offline.pt", "final.pt"}
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_id"] == "local/hopper/random-v0" and config["method"] == "redq_adaptive_bc"
+    assert config["dataset_id"] == "local/hopper/random-400steps-v0" and config["method"] == "redq_adaptive_bc"
     assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (-20.272305, 3234.3, "D4RL table")
     assert config["alpha_offline"] == 0.4 and config["offline_kept"] == 100  # keep-min 100 of 400
     rows = read_progress(run_dir)
@@ -117,7 +117,7 @@ def test_dataset_whose_spaces_do_not_match_the_env(tmp_path):
     try:  # a hopper-named dataset with 5-dim observations and no env spec to recover
         episodes = [dict(observations=np.zeros((4, 5)), actions=np.zeros((3, 3), np.float32), rewards=np.ones(3),
                          terminations=[False, False, True], truncations=[False] * 3)]
-        make_minari_dataset("local/hopper/random-v0", episodes, **spaces(5, 3))
+        make_minari_dataset("local/hopper/random-400steps-v0", episodes, **spaces(5, 3))
     finally:
         del os.environ["MINARI_DATASETS_PATH"]
     proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, datasets_path=tmp_path, cwd=tmp_path)

@@ -275,8 +275,11 @@ def test_reference_scores_fall_back_from_flags_to_metadata_to_d4rl():
 def test_random_dataset_build_follows_d4rl_recipe(tmp_path, monkeypatch):
     import minari
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    m.build_random_dataset("local/hopper/random-v0", "Hopper-v5", num_steps=150)
-    ds = minari.load_dataset("local/hopper/random-v0")
+    assert m.resolve_dataset_id(m.Args(dataset="random")) == "local/hopper/random-v0"  # D4RL's 1M steps
+    assert m.resolve_dataset_id(m.Args(dataset="random", random_dataset_steps=150)) == \
+        "local/hopper/random-150steps-v0"
+    m.get_dataset("local/hopper/random-150steps-v0", m.Args())  # builds it: the size comes from the id
+    ds = minari.load_dataset("local/hopper/random-150steps-v0")
     episodes = list(ds.iterate_episodes())
     assert ds.total_steps == 150 and sum(len(ep.rewards) for ep in episodes) == 150
     for ep in episodes[:-1]:  # random hopper falls within 1000 steps: every full episode terminates
