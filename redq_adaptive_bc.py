@@ -378,8 +378,6 @@ def resolve_dataset_id(args: Args) -> str:
 def staged_dataset(dataset_id):
     """Write a dataset in a scratch folder and move it into place only once complete, so an
     interrupted download or build never leaves a half-written dataset that a later run would use."""
-    import minari
-
     root = datasets_root()
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
@@ -393,7 +391,6 @@ def staged_dataset(dataset_id):
     finally:
         os.environ["MINARI_DATASETS_PATH"] = str(root)
         shutil.rmtree(scratch, ignore_errors=True)
-    assert minari  # imported for its side effects on the dataset path only
 
 
 def get_dataset(dataset_id, args: Args):
@@ -556,7 +553,7 @@ class Agent:
         optim = dict(capturable=True) if args.compile and device.type == "cuda" else dict(fused=True)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, **optim)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, **optim)
-        self.args = args
+        self.args, self.device = args, device
         self.num_updates = 0
         self.last_actor_loss = torch.zeros((), device=device)
 
@@ -600,7 +597,7 @@ class Agent:
 
     def compile(self):
         """--compile: torch.compile each part of the step (on CUDA also captured as CUDA graphs)."""
-        mode = "reduce-overhead" if self.last_actor_loss.is_cuda else None
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.critic_step = torch.compile(self.critic_step, mode=mode)
         self.actor_step = torch.compile(self.actor_step, mode=mode)
         self.target_step = torch.compile(self.target_step, mode=mode)
