@@ -145,3 +145,32 @@ def test_nan_in_dataset_and_nan_in_loss(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert len(read_progress(run_dir)) == 2  # the rows up to the failure are kept
     assert not (run_dir / "final.pt").exists() and not (run_dir / "offline.pt").exists()
+
+
+def test_interrupted_run_keeps_what_it_wrote(datasets_path, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = [str(f) for f in TINY] + ["--online-steps", "100000", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, str(m.__file__), "--dataset", "random", *flags], cwd=tmp_path,
+                            env={**os.environ, "MINARI_DATASETS_PATH": str(datasets_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for the first online evaluation after the step-0 one
+            csvs = list(tmp_path.glob("*/progress.csv"))
+            if csvs and sum(r["phase"] == "online" for r in read_progress(csvs[0].parent)) >= 2:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr
+    (run_dir,) = tmp_path.iterdir()
+    text = (run_dir / "progress.csv").read_text()
+    assert text.endswith("\n") and len(read_progress(run_dir)) >= 5  # 3 offline + 2 online rows, all whole
+    assert (run_dir / "offline.pt").exists() and not (run_dir / "final.pt").exists()
