@@ -187,24 +187,33 @@ class UsageError(Exception):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Args:
-    """tyro.cli, with tyro's boxed error messages folded into one line (exit status 2)."""
+    """tyro.cli, with tyro's boxed error message folded into one line (exit status 2)."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     except SystemExit as e:
         if e.code not in (0, None):
-            box = []
-            for line in captured.getvalue().splitlines():
-                text = line.strip("│╭╮╰╯─ ")
-                if line.strip().startswith("│") and set(text) <= set("─ "):
-                    break  # the rest of the box is help text
-                if line.strip().startswith("│") and text:
-                    box.append(text)
-            print("error: " + (" ".join(box) or captured.getvalue().strip()), file=sys.stderr)
+            print("error: " + tyro_error_line(captured.getvalue()), file=sys.stderr)
         raise
     check_args(args)
     return args
+
+
+def tyro_error_line(text):
+    """The message in tyro's error box, drawn in Unicode (title in the top border) or in ASCII
+    (title, rule, message) when stderr cannot encode Unicode."""
+    sections = [[]]
+    for line in text.splitlines():
+        content = line.strip().strip("│|").strip()
+        if content[:1] in ("╭", "╰"):
+            continue
+        if content and set(content) <= set("─-"):
+            sections.append([])
+        elif content:
+            sections[-1].append(content)
+    message = sections[1] if "╭" not in text and len(sections) > 1 else sections[0]
+    return " ".join(message) or text.strip()
 
 
 def check_args(args: Args) -> None:
@@ -412,8 +421,8 @@ def get_dataset(dataset_id, args: Args):
     elif dataset_id.startswith("local/") and name == "medium-replay-v0":
         raise UsageError(
             f"dataset {dataset_id} does not exist: Minari's server has no medium-replay data and D4RL's recipe needs "
-            f"the replay buffer of a behavior agent; build it into {datasets_root() / dataset_id} (see README) "
-            f"or choose another --dataset")
+            f"the replay buffer of a behavior agent; build it with `python baselines/redq.py --export-replay "
+            f"{dataset_id} ...` (README: Building D4RL-style datasets) or choose another --dataset")
     elif dataset_id.startswith("local/"):
         raise UsageError(f"dataset {dataset_id} not found in {datasets_root()} (set MINARI_DATASETS_PATH or build it)")
     else:
@@ -633,11 +642,12 @@ def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, e
 # Evaluation
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor, env, num_episodes, device) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy pi(s)."""
+def evaluate(actor, env, num_episodes, device, seed) -> np.ndarray:
+    """Undiscounted returns of the deterministic policy pi(s). Every evaluation starts from the same
+    seed, so all evaluations of a run see the same initial states."""
     returns = []
-    for _ in range(num_episodes):
-        obs, _ = env.reset()
+    for episode in range(num_episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
         done, episode_return = False, 0.0
         while not done:
             action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
@@ -777,7 +787,7 @@ def main(args: Args):
 
     def log_evaluation(phase, step, alpha, metrics, updates, env_steps, episode_R=None):
         """Evaluate pi, write a progress.csv row, and stop if a loss went NaN. Returns the score (fraction)."""
-        returns = evaluate(agent.actor, eval_env, args.eval_episodes, device)
+        returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, seed=args.seed + 100)
         score = normalized(returns, info["ref_min_score"], info["ref_max_score"])
         losses = {k: float(v) for k, v in metrics.items()}  # the only host syncs: once per evaluation
         now = time.time()

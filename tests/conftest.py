@@ -45,7 +45,8 @@ def hopper_episodes(num_episodes, length, seed=0, reward=None):
 
 def run_script(script, *flags, datasets_path, cwd, timeout=300):
     """Run a script as a user would; returns the CompletedProcess (text)."""
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path)}
+    # One torch thread: on a loaded 2-core machine, two OpenMP threads per process can run 10x slower.
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -111,6 +111,13 @@ def test_bad_input_gives_one_line_and_exit_2(flags, message, datasets_path, tmp_
     assert not (tmp_path / "runs").exists()  # rejected before any work
 
 
+def test_error_line_when_stderr_cannot_encode_unicode(datasets_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")  # tyro then draws its error box in ASCII
+    proc = run_script("redq_adaptive_bc.py", "--num-critic", "3", datasets_path=datasets_path, cwd=tmp_path)
+    assert proc.returncode == 2 and one_error_line(proc), proc.stderr
+    assert proc.stderr.startswith("error: Unrecognized options: --num-critic, 3")
+
+
 def test_dataset_whose_spaces_do_not_match_the_env(tmp_path):
     import os
     os.environ["MINARI_DATASETS_PATH"] = str(tmp_path)

@@ -342,3 +342,14 @@ def test_compiled_step_matches_eager_step():
         for p, q in zip(getattr(eager, name).parameters(), getattr(compiled, name).parameters()):
             assert torch.allclose(p, q, atol=1e-5), name
     assert not torch.equal(eager.actor.net[0].weight, tiny_agent().actor.net[0].weight)  # something was trained
+
+
+def test_every_evaluation_starts_from_the_same_seed():
+    import gymnasium as gym
+    torch.manual_seed(0)
+    env = gym.make("Hopper-v5")
+    actor = m.Actor(11, 3, env.action_space.low, env.action_space.high, hidden_dim=8)
+    first = m.evaluate(actor, env, 3, torch.device("cpu"), seed=100)
+    second = m.evaluate(actor, env, 3, torch.device("cpu"), seed=100)
+    assert first.tolist() == second.tolist()  # the same policy scores the same at any point of a run
+    assert len(set(first.tolist())) == 3  # but the episodes within one evaluation start differently
