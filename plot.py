@@ -114,8 +114,9 @@ def parse_folder_name(folder):
     return meta
 
 
-def read_meta(folder):
-    """method, env, dataset, seed of a run: from config.json, else from the folder name."""
+def read_meta(folder, label_by=()):
+    """method, env, dataset, seed of a run: from config.json, else from the folder name. label is
+    the method name plus the config values named by --label-by, e.g. 'td3_bc (alpha_online=0.1)'."""
     config = {}
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -134,6 +135,8 @@ def read_meta(folder):
             "cannot tell method/env/dataset: no usable config.json and the folder name "
             "is not <env>-<dataset>__<method>__<seed>__<unixtime>"
         )
+    variant = [f"{key}={config[key]}" for key in label_by if key in config]
+    meta["label"] = f"{meta['method']} ({', '.join(variant)})" if variant else meta["method"]
     try:
         meta["seed"] = None if meta["seed"] is None else int(meta["seed"])
     except (TypeError, ValueError):
@@ -203,18 +206,18 @@ def load_run(folder, metric="normalized_score", meta=None):
         raise SkipRun(f"no {metric} values in the online rows")
     offline_values = value[(phase == "offline") & ~np.isnan(value)]
     return Run(
-        folder, meta["method"], meta["env"], meta["dataset"], meta["seed"], offline_values,
+        folder, meta.get("label", meta["method"]), meta["env"], meta["dataset"], meta["seed"], offline_values,
         on_step[has_value], on_value[has_value], on_step[has_alpha], on_alpha[has_alpha],
     )
 
 
-def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets=None):
+def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets=None, label_by=()):
     """All usable runs under the given folders that pass the filters; each unusable one is
     reported with one line on stderr."""
     runs = []
     for folder in find_run_folders(tops):
         try:
-            meta = read_meta(folder)
+            meta = read_meta(folder, label_by)
             if (methods and meta["method"] not in methods) or (envs and meta["env"] not in envs) or (
                 datasets and meta["dataset"] not in datasets
             ):
@@ -437,6 +440,9 @@ def parse_args(argv=None):
     parser.add_argument("--envs", nargs="+", metavar="E", help="only these envs, e.g. hopper walker2d")
     parser.add_argument("--datasets", nargs="+", metavar="D",
                         help="only these datasets, e.g. medium medium-replay")
+    parser.add_argument("--label-by", nargs="+", metavar="KEY",
+                        help="split a method's runs into variants by these config.json keys, e.g. "
+                             "alpha_online keep_ratio (Figures 1, 3, 4, 5)")
     parser.add_argument("--out", help="output folder (default: <first folder>/plots)")
     parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png",
                         help="figure file format (default: png)")
@@ -450,6 +456,8 @@ def parse_args(argv=None):
         values = getattr(args, name)
         if values:
             setattr(args, name, {v for text in values for v in text.split(",") if v})
+    if args.label_by:
+        args.label_by = [v for text in args.label_by for v in text.split(",") if v]
     return args
 
 
@@ -466,7 +474,7 @@ def main(argv=None):
     metric = "return_mean" if args.raw_returns else "normalized_score"
     where = " ".join(args.folders)
 
-    runs = load_runs(args.folders, metric, args.methods, args.envs, args.datasets)
+    runs = load_runs(args.folders, metric, args.methods, args.envs, args.datasets, args.label_by or ())
     if not runs:
         filters = args.methods or args.envs or args.datasets
         filtered = " matching --methods/--envs/--datasets" if filters else ""

@@ -18,6 +18,7 @@ The fake runs (all on hopper, every number chosen so the arithmetic is easy by h
   config.json without progress.csv. Each must be skipped with one line on stderr.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_folder_name_parsing_and_config_precedence(runs_dir):
     assert plot.parse_folder_name("hopper-medium-replay__td3_bc__3__1700000000") == {
         "env": "hopper", "dataset": "medium-replay", "method": "td3_bc", "seed": 3}
     assert plot.read_meta(runs_dir / "hopper-medium__td3_bc__1__1700000011") == {
-        "method": "td3_bc", "env": "hopper", "dataset": "medium", "seed": 1}
+        "method": "td3_bc", "env": "hopper", "dataset": "medium", "seed": 1, "label": "td3_bc"}
     # config.json says redq_adaptive_bc although the folder name says "adaptive"
     assert plot.read_meta(runs_dir / "hopper-medium__adaptive__2__1700000002")["method"] == "redq_adaptive_bc"
 
@@ -299,3 +300,20 @@ def test_rows_without_the_metric_are_ignored(tmp_path):
     run = plot.load_run(tmp_path / "hopper-medium__td3_bc__0__1")
     assert run.online_steps.tolist() == [0, 200]
     assert plot.summarize_run(run)["online_mean"] == 60.0  # (50 + 70) / 2
+
+
+def test_label_by_splits_variants_of_one_method(tmp_path):
+    # Fig. 1: td3_bc at alpha_online 0.0 and 0.1, two seeds each; final scores 10, 20 and 50, 70.
+    for seed, alpha, final in [(0, 0.0, 10), (1, 0.0, 20), (0, 0.1, 50), (1, 0.1, 70)]:
+        folder = write_run(tmp_path / "runs", f"hopper-medium__td3_bc__{seed}__{int(alpha * 10)}",
+                           online=[(0, 5), (100, final)], method="td3_bc", seed=seed)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "alpha_online": alpha}))
+    merged = plot.group_runs(plot.load_runs([str(tmp_path / "runs")]))
+    assert list(merged) == [("hopper", "medium", "td3_bc")] and len(merged[("hopper", "medium", "td3_bc")]) == 4
+    groups = plot.group_runs(plot.load_runs([str(tmp_path / "runs")], label_by=["alpha_online", "no_such_key"]))
+    finals = {key[2]: sorted(r.online_values[-1] for r in runs) for key, runs in groups.items()}
+    assert finals == {"td3_bc (alpha_online=0.0)": [10, 20], "td3_bc (alpha_online=0.1)": [50, 70]}
+    proc = run_cli(str(tmp_path / "runs"), "--label-by", "alpha_online", "--methods", "td3_bc")
+    assert proc.returncode == 0 and "| td3_bc (alpha_online=0.1) | 2 |" in proc.stdout
+    assert "60.00 ± 10.00" in proc.stdout  # final of the 0.1 variant: mean(50, 70), population std 10
