@@ -332,7 +332,7 @@ class ReplayBuffer:
         n = len(rewards)
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
-            storage[idx] = torch.as_tensor(np.asarray(values), dtype=torch.float32, device=self.device)
+            storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -695,6 +695,7 @@ def load_checkpoint(path, agent: Agent, meta: dict):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["meta"]
+        assert isinstance(saved, dict) and saved.get("method") == METHOD, "written by another script"
     except Exception as e:
         raise UsageError(f"--load-offline: {path} is not a checkpoint of this script ({type(e).__name__})") from None
     for key in ("env_id", "obs_dim", "act_dim"):

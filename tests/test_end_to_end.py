@@ -74,7 +74,11 @@ class Evil:
 
 def bad_checkpoints(tmp_path):
     other_env = tmp_path / "walker.pt"
-    torch.save({"meta": {"env_id": "Walker2d-v5", "obs_dim": 17, "act_dim": 6}, "agent": {}}, other_env)
+    torch.save({"meta": {"env_id": "Walker2d-v5", "obs_dim": 17, "act_dim": 6, "method": m.METHOD}, "agent": {}},
+               other_env)
+    torch.save({"meta": ["not", "a", "dict"], "agent": {}}, tmp_path / "list_meta.pt")
+    torch.save({"meta": {"env_id": "Hopper-v5", "obs_dim": 11, "act_dim": 3, "method": "td3_bc"}, "agent": {}},
+               tmp_path / "td3_bc.pt")
     evil = tmp_path / "evil.pt"
     torch.save({"meta": Evil(), "agent": {}}, evil)
     return other_env, evil
@@ -98,6 +102,8 @@ def one_error_line(proc):
     (["--load-offline", "missing.pt"], "no such file: missing.pt"),
     (["--load-offline", "walker.pt"], "trained on Walker2d-v5"),
     (["--load-offline", "evil.pt"], "is not a checkpoint of this script"),
+    (["--load-offline", "list_meta.pt"], "is not a checkpoint of this script"),
+    (["--load-offline", "td3_bc.pt"], "is not a checkpoint of this script"),
     (["--dataset-id", "local/hopper/nothing-v0"], "local/hopper/nothing-v0 not found"),
     (["--dataset", "medium-replay"], "medium-replay"),
 ])

@@ -353,3 +353,12 @@ def test_every_evaluation_starts_from_the_same_seed():
     second = m.evaluate(actor, env, 3, torch.device("cpu"), seed=100)
     assert first.tolist() == second.tolist()  # the same policy scores the same at any point of a run
     assert len(set(first.tolist())) == 3  # but the episodes within one evaluation start differently
+
+
+def test_downsample_never_routes_device_tensors_through_numpy():
+    # A CUDA buffer's tensors cannot become numpy arrays; the meta device fails the same way on a CPU machine.
+    buf = m.ReplayBuffer(100, obs_dim=2, act_dim=1, device=torch.device("meta"))
+    buf.add(torch.zeros(100, 2, device="meta"), torch.zeros(100, 1, device="meta"), torch.zeros(100, device="meta"),
+            torch.zeros(100, 2, device="meta"), torch.zeros(100, device="meta"))
+    online = m.downsample(buf, 50, 0.2, 0, False, torch.Generator().manual_seed(0))
+    assert len(online) == 20 and online.data.obs.device.type == "meta"
