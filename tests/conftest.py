@@ -9,6 +9,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,3 +78,16 @@ def datasets_path(tmp_path_factory):
 def spaces(obs_dim, act_dim):
     return dict(observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64),
                 action_space=gym.spaces.Box(-1, 1, (act_dim,), np.float32))
+
+
+class FixedActor(nn.Module):
+    """pi(s) = a fixed action per row, with action bounds [-1, 1]: a stand-in for target-policy tests."""
+
+    def __init__(self, actions):
+        super().__init__()
+        self.actions = actions
+        self.register_buffer("action_scale", torch.ones(actions.shape[1]))
+        self.register_buffer("action_bias", torch.zeros(actions.shape[1]))
+
+    def forward(self, obs):
+        return self.actions

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import redq_adaptive_bc as main_script
-from conftest import ROOT, hopper_episodes, make_minari_dataset, run_script
+from conftest import FixedActor, ROOT, hopper_episodes, make_minari_dataset, run_script
 
 
 def load(name):
@@ -169,17 +169,6 @@ def test_pessimistic_ensemble_is_the_min_over_groups_of_the_mean_within_each():
     # Three groups of two: means (1.5, 0, 6) and (1, 4, 4) -> (0, 1).
     q3 = torch.tensor([[1, 1], [2, 1], [0, 4], [0, 4], [2, 4], [10, 4]], dtype=torch.float32)
     assert torch.equal(br.pessimistic_q(q3, num_groups=3), torch.tensor([0.0, 1.0]))
-
-
-class FixedActor(torch.nn.Module):
-    def __init__(self, actions):
-        super().__init__()
-        self.actions = actions
-        self.register_buffer("action_scale", torch.ones(actions.shape[1]))
-        self.register_buffer("action_bias", torch.zeros(actions.shape[1]))
-
-    def forward(self, obs):
-        return self.actions
 
 
 def test_balanced_replay_target_uses_the_pessimistic_ensemble():

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, TINY
+from conftest import FixedActor, ROOT, TINY
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import redq  # noqa: E402
@@ -45,19 +45,6 @@ def read_progress(run_dir):
 def one_error_line(proc):
     lines = proc.stderr.strip().splitlines()
     return proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
-
-
-class FixedActor(nn.Module):
-    """pi(s) = a fixed action per row, with action bounds [-1, 1]."""
-
-    def __init__(self, actions):
-        super().__init__()
-        self.actions = actions
-        self.register_buffer("action_scale", torch.ones(actions.shape[1]))
-        self.register_buffer("action_bias", torch.zeros(actions.shape[1]))
-
-    def forward(self, obs):
-        return self.actions
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import redq_adaptive_bc as m
-from conftest import make_minari_dataset, spaces
+from conftest import FixedActor, make_minari_dataset, spaces
 
 GAINS = dict(kp=3e-5, kd=8e-5, target_return=1.0, alpha_max=0.4)
 
@@ -59,19 +59,6 @@ def test_eq2_with_the_authors_moving_average():
 # ---------------------------------------------------------------------------------------
 # The target (Eq. 3), critic loss, actor loss (Eq. 1 and 4), soft updates
 # ---------------------------------------------------------------------------------------
-class FixedActor(nn.Module):
-    """pi(s) = a fixed action per row, with action bounds [-1, 1]."""
-
-    def __init__(self, actions):
-        super().__init__()
-        self.actions = actions
-        self.register_buffer("action_scale", torch.ones(actions.shape[1]))
-        self.register_buffer("action_bias", torch.zeros(actions.shape[1]))
-
-    def forward(self, obs):
-        return self.actions
-
-
 def batch(rewards, terminals, actions=None):
     n = len(rewards)
     actions = torch.zeros(n, 1) if actions is None else actions
