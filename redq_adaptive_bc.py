@@ -565,6 +565,7 @@ class Agent:
         self.args, self.device = args, device
         self.num_updates = 0
         self.last_actor_loss = torch.zeros((), device=device)
+        self.cuda_graphs = False  # set by compile() on CUDA
 
     def critic_step(self, batch: Batch):
         """Eq. 3 for all N critics, with a fresh random subset of M critics for the target (REDQ)."""
@@ -595,18 +596,24 @@ class Agent:
 
     def update(self, batch: Batch, alpha):
         """One gradient step. No host-device synchronization: metrics stay tensors."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self.num_updates += 1
         update_actor = self.num_updates % self.args.policy_freq == 0
-        critic_loss_value, q_mean = self.critic_step(batch)
+        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch)))
         if update_actor:
             self.last_actor_loss = self.actor_step(batch, alpha)
+            if self.cuda_graphs:  # a CUDA graph's outputs are overwritten by its next replay: keep a copy
+                self.last_actor_loss = self.last_actor_loss.clone()
         if update_actor or not self.args.delay_target_updates:
             self.target_step()
-        return {"critic_loss": critic_loss_value, "actor_loss": self.last_actor_loss, "q_mean": q_mean}
+        metrics["actor_loss"] = self.last_actor_loss
+        return {k: v.clone() for k, v in metrics.items()} if self.cuda_graphs else metrics
 
     def compile(self):
         """--compile: torch.compile each part of the step (on CUDA also captured as CUDA graphs)."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.cuda_graphs = self.device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self.critic_step = torch.compile(self.critic_step, mode=mode)
         self.actor_step = torch.compile(self.actor_step, mode=mode)
         self.target_step = torch.compile(self.target_step, mode=mode)
@@ -829,11 +836,9 @@ def main(args: Args):
     # ---- Online fine-tuning: G gradient steps per env step, alpha from Eq. 2 per episode ---
     alpha_online = args.alpha_online
     alpha.fill_(alpha_online)
-    updates = agent.num_updates
-    R_last = log_evaluation("online", 0, alpha_online, {}, updates, 0)  # the pre-trained agent's score
+    R_last = log_evaluation("online", 0, alpha_online, {}, agent.num_updates, 0)  # the pre-trained agent's score
     R_current = None
     obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
     episode_return, episode_length = 0.0, 0
     noise_std = args.exploration_noise * (high - low) / 2
     with tqdm(total=args.online_steps, desc="online", unit="step", mininterval=2) as bar:
