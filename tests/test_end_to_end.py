@@ -187,3 +187,68 @@ def test_interrupted_run_keeps_what_it_wrote(datasets_path, tmp_path):
     text = (run_dir / "progress.csv").read_text()
     assert text.endswith("\n") and len(read_progress(run_dir)) >= 5  # 3 offline + 2 online rows, all whole
     assert (run_dir / "offline.pt").exists() and not (run_dir / "final.pt").exists()
+
+
+RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 3000, "--online-steps", 1500,
+             "--eval-every", 500, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16, "--num-critics", 3,
+             "--batch-size", 32, "--keep-min", 100, "--checkpoint-every", 100]
+
+
+def kill_when(proc, run_parent, phase, min_step, timeout=120):
+    """SIGKILL the run once its latest.pt is a checkpoint of phase at step >= min_step."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for latest in run_parent.glob("*/latest.pt"):
+            try:
+                state = torch.load(latest, weights_only=True)
+            except Exception:
+                continue  # replaced while we read it
+            if state["phase"] == phase and state["step"] >= min_step:
+                proc.kill()
+                proc.wait()
+                return state["step"]
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before a {phase} checkpoint at step {min_step}")
+
+
+def test_killed_twice_and_resumed_run_ends_like_an_uninterrupted_one(datasets_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
+
+    def start(*flags):
+        return subprocess.Popen([sys.executable, str(m.__file__), *map(str, flags)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    killed = start(*RESUMABLE, "--output-dir", tmp_path / "b")
+    kill_when(killed, tmp_path / "b", "offline", 1000)  # a real SIGKILL, mid pre-training
+    reference = start(*RESUMABLE, "--output-dir", tmp_path / "a")
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = start("--resume", run_b)
+    kill_when(resumed, tmp_path / "b", "online", 300)  # and again mid fine-tuning
+    finished = start("--resume", run_b)
+    out, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert reference.wait(timeout=300) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    assert not (run_b / "latest.pt").exists() and (run_b / "final.pt").exists()
+
+    # Every evaluation row once, with the same numbers (timings aside).
+    rows_a, rows_b = read_progress(run_a), read_progress(run_b)
+    same = [c for c in m.COLUMNS if c not in ("updates_per_s", "env_steps_per_s", "wall_s")]
+    assert [(r["phase"], r["step"]) for r in rows_b] == [(r["phase"], r["step"]) for r in rows_a]
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a]
+    # And the same final networks and optimizer states, bit for bit (CPU, one thread).
+    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
+    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
+    for part in ("actor", "critic", "critic_target"):
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)
+
+    again = run_script("redq_adaptive_bc.py", "--resume", run_b, datasets_path=datasets_path, cwd=tmp_path)
+    assert again.returncode == 0 and "finished already" in again.stderr
+    bad = run_script("redq_adaptive_bc.py", "--resume", tmp_path, datasets_path=datasets_path, cwd=tmp_path)
+    assert bad.returncode == 2 and one_error_line(bad) and "is not a run folder" in bad.stderr
