@@ -210,11 +210,11 @@ def resumed_args(run_dir) -> Args:
     """The arguments a run folder was started with, to continue it."""
     try:
         config = json.loads((Path(run_dir) / "config.json").read_text())
+        if isinstance(config, dict) and config.get("method") not in (METHOD, None):
+            raise UsageError(f"--resume: {run_dir} is a run of {config['method']}, not {METHOD}")
         fields = {name: config[name] for name in Args.__dataclass_fields__ if name != "resume"}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--resume: {run_dir} is not a run folder of this script ({type(e).__name__})") from None
-    if config.get("method") != METHOD:
-        raise UsageError(f"--resume: {run_dir} is a run of {config.get('method')}, not {METHOD}")
     return Args(**fields, resume=str(run_dir))
 
 

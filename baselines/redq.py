@@ -29,6 +29,7 @@ Run:
     python baselines/redq.py --env hopper                          # Fig. 2's REDQ (scratch)
     python baselines/redq.py --env hopper --utd 1 --num-critics 2 --online-steps 1000000 \\
         --stop-at-score 33 --export-replay local/hopper/medium-replay-v0 --export-rollouts local/hopper/medium-v0
+    python baselines/redq.py --resume runs/<run folder>             # continue a killed run
     python baselines/redq.py --help
 """
 
@@ -155,6 +156,12 @@ class Args:
     rollout_noise: float = 0.1
     """std of the Gaussian noise on pi(s) in the rollouts (D4RL sampled its SAC agents' stochastic policies; 0 = deterministic)"""
 
+    # Checkpoints
+    checkpoint_every: int = 50_000
+    """write a resumable latest.pt every this many env steps (at the episode's end)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest.pt, with the arguments in its config.json (other flags are ignored)"""
+
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2, before any work starts."""
@@ -170,8 +177,24 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
         if e.code not in (0, None):
             print("error: " + tyro_error_line(captured.getvalue()), file=sys.stderr)
         raise
+    if args.resume is not None:
+        args = resumed_args(args.resume)
     check_args(args)
     return args
+
+
+def resumed_args(run_dir) -> Args:
+    """The arguments a run folder was started with, to continue it."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        method = config.get("method")  # checked first: another script's run lacks some of these fields
+        names = [name for name in Args.__dataclass_fields__ if name != "resume"] if method == METHOD else []
+        fields = {name: config[name] for name in names}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {run_dir} is not a run folder of this script ({type(e).__name__})") from None
+    if method != METHOD:
+        raise UsageError(f"--resume: {run_dir} is a run of {method}, not {METHOD}")
+    return Args(**fields, resume=str(run_dir))
 
 
 def tyro_error_line(text):
@@ -192,7 +215,7 @@ def tyro_error_line(text):
 
 def check_args(args: Args) -> None:
     positive = ["online_steps", "eval_every", "eval_episodes", "batch_size", "policy_freq", "hidden_layers",
-                "hidden_dim", "num_critics", "num_min_critics", "utd", "rollout_steps"]
+                "hidden_dim", "num_critics", "num_min_critics", "utd", "rollout_steps", "checkpoint_every"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -215,14 +238,16 @@ def check_args(args: Args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     reference_scores(args.env, args)  # raises on min >= max
-    # A dataset id that cannot be written must fail now, not after a day of training.
+    # A dataset id that cannot be written must fail now, not after a day of training. (A finished run
+    # being resumed wrote its datasets itself: main() reports it finished and writes nothing.)
+    finished = args.resume is not None and (Path(args.resume) / "final.pt").exists()
     for flag, dataset_id in [("--export-replay", args.export_replay), ("--export-rollouts", args.export_rollouts)]:
         if dataset_id is None:
             continue
         if not DATASET_ID.fullmatch(dataset_id):
             raise UsageError(f"{flag}: {dataset_id!r} is not a Minari dataset id (namespace/name-v<version>, "
                              f"e.g. local/{args.env}/medium-replay-v0)")
-        if (datasets_root() / dataset_id).exists():
+        if not finished and (datasets_root() / dataset_id).exists():
             raise UsageError(f"{flag}: dataset {dataset_id} already exists in {datasets_root()}; delete it or "
                              f"choose another id")
     if args.export_replay is not None and args.export_replay == args.export_rollouts:
@@ -330,6 +355,14 @@ class ReplayBuffer:
     def __len__(self):
         return self.size
 
+    def state_dict(self):
+        return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
+
+    def load_state_dict(self, state):
+        self.ptr, self.size = state["ptr"], state["size"]
+        for name, storage in zip(Batch._fields, self.data):
+            storage.copy_(state[name])
+
 
 class Trajectories:
     """Every environment step in order, in the env's own dtypes (float64 observations), for export.
@@ -374,6 +407,23 @@ class Trajectories:
                                  terminations=self.terminations[steps], truncations=truncations[steps]))
             start = end + 1
         return episodes
+
+    def state_dict(self):
+        """The steps so far as tensors (torch.load(weights_only=True) reads no numpy arrays)."""
+        n, ends = self.size, sorted(self.final_obs)
+        return {"size": n, **{name: torch.from_numpy(getattr(self, name)[:n].copy()) for name in
+                              ("obs", "actions", "rewards", "terminations", "truncations")},
+                "final_obs_index": ends,
+                "final_obs": torch.from_numpy(np.array([self.final_obs[i] for i in ends], self.obs.dtype)
+                                              .reshape(len(ends), *self.obs.shape[1:])),
+                "next_obs": None if self.next_obs is None else torch.from_numpy(self.next_obs.copy())}
+
+    def load_state_dict(self, state):
+        n = self.size = state["size"]
+        for name in ("obs", "actions", "rewards", "terminations", "truncations"):
+            getattr(self, name)[:n] = state[name].numpy()
+        self.final_obs = {i: obs.numpy() for i, obs in zip(state["final_obs_index"], state["final_obs"])}
+        self.next_obs = None if state["next_obs"] is None else state["next_obs"].numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,6 +565,10 @@ class Agent:
         return {name: getattr(self, name).state_dict() for name in
                 ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")}
 
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            getattr(self, name).load_state_dict(value)
+
 
 # ---------------------------------------------------------------------------------------
 # Acting: warm-up, exploration, evaluation, rollouts
@@ -573,15 +627,20 @@ COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_
 class ProgressLog:
     """progress.csv: one row per evaluation, flushed at once so a killed run keeps its rows."""
 
-    def __init__(self, path):
-        self.file = open(path, "w", newline="")
+    def __init__(self, path, keep_rows=None):
+        """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
+        lines = [",".join(COLUMNS) + "\n"]
+        if keep_rows is not None:  # rows written after the checkpoint are written again
+            lines = path.read_text().splitlines(keepends=True)[: 1 + keep_rows]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+        self.rows = len(lines) - 1
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, restval="")
-        self.writer.writeheader()
-        self.file.flush()
 
     def write(self, row):
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         self.file.flush()
+        self.rows += 1
 
 
 def atomic_write(path: Path, write):
@@ -597,6 +656,25 @@ def save_checkpoint(path: Path, agent: Agent, meta: dict):
 
 class TrainingDiverged(Exception):
     pass
+
+
+def rng_states(rng: np.random.Generator, env):
+    """Every random stream a run draws from, so that a resumed run continues it exactly (here also the
+    action space's, which draws the warm-up's uniform actions)."""
+    return {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "env": env.unwrapped.np_random.bit_generator.state,
+            "action_space": env.action_space.np_random.bit_generator.state}
+
+
+def set_rng_states(states, rng: np.random.Generator, env):
+    random.setstate(states["python"])
+    rng.bit_generator.state = states["numpy"]
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    env.unwrapped.np_random.bit_generator.state = states["env"]
+    env.action_space.np_random.bit_generator.state = states["action_space"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -621,19 +699,30 @@ def main(args: Args):
 
     info = dict(dataset_id=None, env_id=env_id, env=args.env, dataset=args.dataset,
                 ref_min_score=ref_min, ref_max_score=ref_max, ref_source=ref_source)
-    run_dir = Path(args.output_dir) / f"{args.env}-{args.dataset}__{METHOD}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-                "numpy": np.__version__}
-    with contextlib.suppress(Exception):
-        versions["mujoco"] = __import__("mujoco").__version__
-    config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    log = ProgressLog(run_dir / "progress.csv")
-    print(f"run folder: {run_dir}  (from scratch, {env_id}, {device})", file=sys.stderr)
+    latest = None  # the state saved by the last checkpoint, when resuming
+    if args.resume:
+        run_dir = Path(args.resume)
+        if (run_dir / "final.pt").exists():
+            print(f"{run_dir} has finished already (final.pt): nothing to resume", file=sys.stderr)
+            return run_dir
+        if (run_dir / "latest.pt").exists():
+            latest = torch.load(run_dir / "latest.pt", map_location=device, weights_only=True)
+        log = ProgressLog(run_dir / "progress.csv", keep_rows=latest["csv_rows"] if latest else 0)
+    else:
+        run_dir = Path(args.output_dir) / f"{args.env}-{args.dataset}__{METHOD}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                    "numpy": np.__version__}
+        with contextlib.suppress(Exception):
+            versions["mujoco"] = __import__("mujoco").__version__
+        config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        log = ProgressLog(run_dir / "progress.csv")
+    print(f"run folder: {run_dir}  (from scratch, {env_id}, {device})"
+          + (f", resuming step {latest['step']}" if latest else ""), file=sys.stderr)
 
-    start = time.time()
-    scores = []
+    start = time.time() - (latest["wall_s"] if latest else 0.0)
+    scores = latest["scores"] if latest else []
     clock = {"time": time.time(), "updates": 0, "env_steps": 0}
 
     def log_evaluation(step, metrics, updates, env_steps, episode_R=None):
@@ -650,22 +739,43 @@ def main(args: Args):
                    wall_s=now - start, episode_normalized_return="" if episode_R is None else 100 * episode_R)
         clock["updates"], clock["env_steps"] = updates, env_steps
         log.write(row)
-        scores.append(100 * score.mean())
+        scores.append(float(100 * score.mean()))
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(f"a loss became non-finite ({losses}) at online step {step}")
         return float(score.mean())
 
+    def save_latest(step):
+        """Everything needed to continue from here (the export's record of every step included); written
+        atomically, so a kill leaves the old or the new one."""
+        state = dict(phase="online", step=step, agent=agent.state_dict(), num_updates=agent.num_updates,
+                     last_actor_loss=agent.last_actor_loss, csv_rows=log.rows, scores=scores,
+                     wall_s=time.time() - start, rng=rng_states(rng, env), buffer=buffer.state_dict(),
+                     replay=None if replay is None else replay.state_dict(), R_episode=R_episode)
+        atomic_write(run_dir / "latest.pt", lambda tmp: torch.save(state, tmp))
+
     # ---- Online training from scratch: warm-up, then G gradient steps per env step -------------
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     replay = Trajectories(args.online_steps, env.observation_space, env.action_space) if args.export_replay else None
-    log_evaluation(0, {}, 0, 0)  # the untrained policy
-    metrics, R_episode, steps_done = {}, None, 0
-    obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
-    episode_return = 0.0
+    if latest:  # resuming where an episode was about to start
+        agent.load_state_dict(latest["agent"])
+        agent.num_updates, agent.last_actor_loss = latest["num_updates"], latest["last_actor_loss"]
+        set_rng_states(latest["rng"], rng, env)
+        buffer.load_state_dict(latest["buffer"])
+        if replay is not None:
+            replay.load_state_dict(latest["replay"])
+        R_episode, done_steps = latest["R_episode"], latest["step"]
+        clock["updates"], clock["env_steps"] = agent.num_updates, done_steps
+    else:
+        log_evaluation(0, {}, 0, 0)  # the untrained policy
+        env.action_space.seed(args.seed)
+        R_episode, done_steps = None, 0
+        save_latest(0)
+    metrics, steps_done = {}, done_steps
+    obs, _ = env.reset(seed=args.seed if done_steps == 0 else None)
+    episode_return, last_checkpoint = 0.0, done_steps
     noise_std = args.exploration_noise * (high - low) / 2
-    with tqdm(total=args.online_steps, desc="online", unit="step", mininterval=2) as bar:
-        for step in range(1, args.online_steps + 1):
+    with tqdm(total=args.online_steps, initial=done_steps, desc="online", unit="step", mininterval=2) as bar:
+        for step in range(done_steps + 1, args.online_steps + 1):
             action = explore(agent.actor, obs, step, args.learning_starts, env.action_space, noise_std, rng, device)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
@@ -681,8 +791,6 @@ def main(args: Args):
 
             if terminated or truncated:
                 R_episode = normalized(episode_return, ref_min, ref_max)
-                obs, _ = env.reset()
-                episode_return = 0.0
 
             if step % args.eval_every == 0 or step == args.online_steps:
                 score = log_evaluation(step, metrics, agent.num_updates, step, R_episode)
@@ -691,9 +799,18 @@ def main(args: Args):
                     print(f"\nstopping at step {step}: normalized score {100 * score:.1f} >= --stop-at-score "
                           f"{args.stop_at_score}", file=sys.stderr)
                     break
+
+            if terminated or truncated:
+                # Checkpoints wait for an episode's end: then the environment's state is only its RNG.
+                if step - last_checkpoint >= args.checkpoint_every and step < args.online_steps:
+                    save_latest(step)
+                    last_checkpoint = step
+                obs, _ = env.reset()
+                episode_return = 0.0
             bar.update()
 
     save_checkpoint(run_dir / "final.pt", agent, {**meta, "online_steps": steps_done, "num_updates": agent.num_updates})
+    (run_dir / "latest.pt").unlink(missing_ok=True)  # final.pt marks the run as finished
     if args.stop_at_score is not None and max(scores[1:], default=-math.inf) < args.stop_at_score:
         print(f"note: --stop-at-score {args.stop_at_score} was never reached (best {max(scores):.1f}); the exports "
               f"below hold the agent after all {steps_done} steps", file=sys.stderr)

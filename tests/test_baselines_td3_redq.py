@@ -370,3 +370,119 @@ def test_redq_has_no_dataset_flags(capsys):
     with pytest.raises(SystemExit) as e:
         redq.parse_args(["--dataset-id", "mujoco/hopper/medium-v0"])
     assert e.value.code == 2 and "Unrecognized options: --dataset-id" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Both scripts: resumable after a SIGKILL, bit for bit (as redq_adaptive_bc.py; see its RESUMABLE test)
+# ---------------------------------------------------------------------------------------
+# Budgets that last a few seconds, so that polling latest.pt can catch the phases before the run ends.
+TD3_RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 900, "--online-steps", 500,
+                 "--eval-every", 200, "--eval-episodes", 1, "--hidden-dim", 16, "--batch-size", 32,
+                 "--checkpoint-every", 100]
+# A long warm-up (uniform actions only: fast) so that a kill can land in it, then 600 steps with updates.
+REDQ_RESUMABLE = ["--online-steps", 2100, "--learning-starts", 1500, "--eval-every", 300, "--eval-episodes", 1,
+                  "--utd", 1, "--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32, "--checkpoint-every", 50]
+TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
+
+
+def kill_when(proc, run_parent, phase, min_step, timeout=120):
+    """SIGKILL the run once its latest.pt is a checkpoint of phase at step >= min_step."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for latest in run_parent.glob("*/latest.pt"):
+            try:
+                state = torch.load(latest, weights_only=True)
+            except Exception:
+                continue  # replaced while we read it
+            if state["phase"] == phase and state["step"] >= min_step:
+                proc.kill()
+                proc.wait()
+                return state["step"]
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before a {phase} checkpoint at step {min_step}")
+
+
+def start(script, *flags, datasets_path, cwd):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_same_run(run_a, run_b):
+    """The same progress.csv rows (timings aside) and the same final networks, bit for bit."""
+    rows_a, rows_b = read_progress(run_a), read_progress(run_b)
+    assert [(r["phase"], r["step"]) for r in rows_b] == [(r["phase"], r["step"]) for r in rows_a]
+    same = [c for c in m.COLUMNS if c not in TIMINGS]
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a]
+    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
+    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
+    for part in ("actor", "critic", "actor_target", "critic_target"):
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)
+    assert not (run_b / "latest.pt").exists() and (run_b / "final.pt").exists()
+
+
+def test_td3_bc_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, tmp_path, monkeypatch,
+                                                                        capsys):
+    script = "baselines/td3_bc.py"
+    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
+    killed = start(script, *TD3_RESUMABLE, "--output-dir", tmp_path / "b", **kw)
+    kill_when(killed, tmp_path / "b", "offline", 300)  # a real SIGKILL, mid pre-training
+    reference = start(script, *TD3_RESUMABLE, "--output-dir", tmp_path / "a", **kw)
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = start(script, "--resume", run_b, **kw)
+    kill_when(resumed, tmp_path / "b", "online", 150)  # and again mid fine-tuning
+    finished = start(script, "--resume", run_b, **kw)
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert "resuming online step" in err
+    assert reference.wait(timeout=300) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    assert_same_run(run_a, run_b)
+    assert [r["phase"] for r in read_progress(run_b)] == ["offline"] * 6 + ["online"] * 4
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
+    capsys.readouterr()
+    assert td3_bc.main(td3_bc.parse_args(["--resume", str(run_b)])) == run_b  # exit status 0
+    assert "finished already" in capsys.readouterr().err
+    bad = run(script, "--resume", tmp_path, **kw)
+    assert one_error_line(bad) and "is not a run folder" in bad.stderr, bad.stderr
+
+
+def test_redq_killed_in_and_after_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                          capsys):
+    script, datasets = "baselines/redq.py", tmp_path / "minari"
+    kw = dict(datasets_path=datasets, cwd=tmp_path)
+    killed = start(script, *REDQ_RESUMABLE, "--export-replay", "local/hopper/b-v0", "--output-dir", tmp_path / "b",
+                   **kw)
+    # In the warm-up: the uniform actions come from the action space's RNG, which latest.pt holds too.
+    assert kill_when(killed, tmp_path / "b", "online", 300) < 1500
+    reference = start(script, *REDQ_RESUMABLE, "--export-replay", "local/hopper/a-v0", "--output-dir",
+                      tmp_path / "a", **kw)
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = start(script, "--resume", run_b, **kw)
+    kill_when(resumed, tmp_path / "b", "online", 1700)  # and after it: gradient steps
+    finished = start(script, "--resume", run_b, **kw)
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert reference.wait(timeout=300) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    assert_same_run(run_a, run_b)
+    assert [int(r["step"]) for r in read_progress(run_b)] == list(range(0, 2101, 300))
+
+    # The exported replay holds every step exactly once, the same as the uninterrupted run's.
+    episodes_b = check_dataset("local/hopper/b-v0", datasets, 2100, seed=0, monkeypatch=monkeypatch)
+    episodes_a = check_dataset("local/hopper/a-v0", datasets, 2100, seed=0, monkeypatch=monkeypatch)
+    assert len(episodes_a) == len(episodes_b)
+    for ep_a, ep_b in zip(episodes_a, episodes_b):
+        for name in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(ep_a, name), getattr(ep_b, name)), name
+
+    capsys.readouterr()  # its dataset exists now: no error for a finished run (exit status 0)
+    assert redq.main(redq.parse_args(["--resume", str(run_b)])) == run_b
+    assert "finished already" in capsys.readouterr().err
+    bad = run(script, "--resume", tmp_path, **kw)
+    assert one_error_line(bad) and "is not a run folder" in bad.stderr, bad.stderr
+    with pytest.raises(td3_bc.UsageError, match="is a run of redq, not td3_bc"):
+        td3_bc.parse_args(["--resume", str(run_b)])
