@@ -762,9 +762,9 @@ def rng_states(rng: np.random.Generator, env):
 def set_rng_states(states, rng: np.random.Generator, env):
     random.setstate(states["python"])
     rng.bit_generator.state = states["numpy"]
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())  # latest.pt is loaded onto the training device
     if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
     env.unwrapped.np_random.bit_generator.state = states["env"]
 
 
@@ -942,10 +942,6 @@ def main(args: Args):
             for _ in range(args.utd):
                 metrics = agent.update(buffer.sample(args.batch_size), alpha)
 
-            if step % args.eval_every == 0 or step == args.online_steps:
-                score = log_evaluation("online", step, alpha_online, metrics, agent.num_updates, step, R_current)
-                bar.set_postfix(score=f"{100 * score:.1f}", alpha=f"{alpha_online:.3f}")
-
             if terminated or truncated:
                 R_current = normalized(episode_return, info["ref_min_score"], info["ref_max_score"])
                 if args.adaptive_bc:  # Eq. 2
@@ -954,6 +950,12 @@ def main(args: Args):
                         alpha_max=args.alpha_offline, r_last_smoothing=args.r_last_smoothing,
                         episode_length=episode_length if args.scale_by_episode_length else 1)
                     alpha.fill_(alpha_online)
+
+            if step % args.eval_every == 0 or step == args.online_steps:
+                score = log_evaluation("online", step, alpha_online, metrics, agent.num_updates, step, R_current)
+                bar.set_postfix(score=f"{100 * score:.1f}", alpha=f"{alpha_online:.3f}")
+
+            if terminated or truncated:
                 # Checkpoints wait for an episode's end: then the environment's state is only its RNG.
                 if step - last_checkpoint >= args.checkpoint_every and step < args.online_steps:
                     save_latest("online", step, buffer, alpha_online=alpha_online, R_last=R_last, R_current=R_current)

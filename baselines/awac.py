@@ -52,6 +52,7 @@ online data; its default capacity, dataset + online steps, never overwrites anyt
 Run:
     python baselines/awac.py --env hopper --dataset medium
     python baselines/awac.py --help      # every hyperparameter
+    python baselines/awac.py --resume runs/<run folder>   # continue a killed run from its latest.pt
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ class Args:
     """return that normalizes to 100 (default: dataset metadata, else D4RL's expert score)"""
     load_offline: Optional[str] = None
     """path to an offline.pt of this script: skip pre-training and fine-tune that agent"""
+    checkpoint_every: int = 50_000
+    """write a resumable latest.pt every this many gradient steps offline / env steps online (at the episode's end)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest.pt, with the arguments in its config.json (other flags are ignored)"""
 
 
 class UsageError(Exception):
@@ -191,8 +196,25 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
         if e.code not in (0, None):
             print("error: " + tyro_error_line(captured.getvalue()), file=sys.stderr)
         raise
+    if args.resume is not None:
+        args = resumed_args(args.resume)
     check_args(args)
     return args
+
+
+def resumed_args(run_dir) -> Args:
+    """The arguments a run folder was started with, to continue it."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        method = config.get("method")  # checked first: another script's run lacks some of these fields
+        if method is not None and method != METHOD:
+            raise UsageError(f"--resume: {run_dir} is a run of {method}, not {METHOD}")
+        fields = {name: config[name] for name in Args.__dataclass_fields__ if name != "resume"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {run_dir} is not a run folder of this script ({type(e).__name__})") from None
+    if method != METHOD:
+        raise UsageError(f"--resume: {run_dir} is not a run folder of this script (no method)")
+    return Args(**fields, resume=str(run_dir))
 
 
 def tyro_error_line(text):
@@ -214,7 +236,7 @@ def tyro_error_line(text):
 def check_args(args: Args) -> None:
     positive = ["offline_steps", "online_steps", "eval_every", "eval_episodes", "batch_size", "target_update_period",
                 "num_action_samples", "num_critics", "hidden_layers", "actor_hidden_layers", "hidden_dim", "utd",
-                "random_dataset_steps"]
+                "random_dataset_steps", "checkpoint_every"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -331,7 +353,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device = capacity, device
-        self.ptr = self.size = 0
+        self.ptr = self.size = self.added = 0  # added: every transition ever appended
         self.data = Batch(
             obs=torch.zeros(capacity, obs_dim, device=device),
             actions=torch.zeros(capacity, act_dim, device=device),
@@ -348,6 +370,7 @@ class ReplayBuffer:
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+        self.added += n
 
     def sample(self, batch_size) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
@@ -355,6 +378,24 @@ class ReplayBuffer:
 
     def __len__(self):
         return self.size
+
+    def state_dict(self, rebuilt=0):
+        """rebuilt: the first this many transitions ever added (the dataset) are left out, as the caller
+        adds them again before load_state_dict, except the slots the FIFO has overwritten since."""
+        overwritten = min(rebuilt, max(0, self.added - self.capacity))
+        return {"ptr": self.ptr, "size": self.size, "added": self.added, "rebuilt": rebuilt,
+                "overwritten": overwritten,
+                **{name: torch.cat([storage[:overwritten], storage[rebuilt: self.size]])
+                   for name, storage in zip(Batch._fields, self.data)}}
+
+    def load_state_dict(self, state):
+        """After the state's first `rebuilt` transitions were added again."""
+        rebuilt, overwritten = state["rebuilt"], state["overwritten"]
+        assert self.added == rebuilt, "add the left-out transitions first"
+        for name, storage in zip(Batch._fields, self.data):
+            storage[:overwritten] = state[name][:overwritten]
+            storage[rebuilt: state["size"]] = state[name][overwritten:]
+        self.ptr, self.size, self.added = state["ptr"], state["size"], state["added"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,15 +690,20 @@ COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_
 class ProgressLog:
     """progress.csv: one row per evaluation, flushed at once so a killed run keeps its rows."""
 
-    def __init__(self, path):
-        self.file = open(path, "w", newline="")
+    def __init__(self, path, keep_rows=None):
+        """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
+        lines = [",".join(COLUMNS) + "\n"]
+        if keep_rows is not None:  # rows written after the checkpoint are written again
+            lines = path.read_text().splitlines(keepends=True)[: 1 + keep_rows]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+        self.rows = len(lines) - 1
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, restval="")
-        self.writer.writeheader()
-        self.file.flush()
 
     def write(self, row):
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         self.file.flush()
+        self.rows += 1
 
 
 def atomic_write(path: Path, write):
@@ -694,6 +740,22 @@ def load_checkpoint(path, agent: Agent, meta: dict):
 
 class TrainingDiverged(Exception):
     pass
+
+
+def rng_states(env):
+    """Every random stream a run draws from, so that a resumed run continues it exactly. AWAC draws
+    nothing from numpy: its actions are sampled with torch."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "env": env.unwrapped.np_random.bit_generator.state}
+
+
+def set_rng_states(states, env):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"].cpu())  # .cpu(): latest.pt is loaded with map_location=device
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    env.unwrapped.np_random.bit_generator.state = states["env"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -744,21 +806,32 @@ def main(args: Args):
     if args.load_offline:
         load_checkpoint(args.load_offline, agent, meta)
 
-    run_dir = Path(args.output_dir) / f"{info['env']}-{info['dataset']}__{METHOD}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-                "numpy": np.__version__}
-    for package in ("minari", "mujoco"):
-        with contextlib.suppress(Exception):
-            versions[package] = __import__(package).__version__
-    config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    log = ProgressLog(run_dir / "progress.csv")
+    latest = None  # the state saved by the last checkpoint, when resuming
+    if args.resume:
+        run_dir = Path(args.resume)
+        if (run_dir / "final.pt").exists():
+            print(f"{run_dir} has finished already (final.pt): nothing to resume", file=sys.stderr)
+            return run_dir
+        if (run_dir / "latest.pt").exists():
+            latest = torch.load(run_dir / "latest.pt", map_location=device, weights_only=True)
+        log = ProgressLog(run_dir / "progress.csv", keep_rows=latest["csv_rows"] if latest else 0)
+    else:
+        run_dir = Path(args.output_dir) / f"{info['env']}-{info['dataset']}__{METHOD}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                    "numpy": np.__version__}
+        for package in ("minari", "mujoco"):
+            with contextlib.suppress(Exception):
+                versions[package] = __import__(package).__version__
+        config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        log = ProgressLog(run_dir / "progress.csv")
     print(f"run folder: {run_dir}  ({info['dataset_id']}, {info['dataset_transitions']} transitions, "
-          f"{info['env_id']}, {device})", file=sys.stderr)
+          f"{info['env_id']}, {device})" + (f", resuming {latest['phase']} step {latest['step']}" if latest else ""),
+          file=sys.stderr)
 
-    start = time.time()
-    scores = []
+    start = time.time() - (latest["wall_s"] if latest else 0.0)
+    scores = latest["scores"] if latest else []
     clock = {"time": time.time(), "updates": 0, "env_steps": 0}
 
     def log_evaluation(phase, step, metrics, updates, env_steps, episode_R=None):
@@ -775,37 +848,61 @@ def main(args: Args):
                    wall_s=now - start, episode_normalized_return="" if episode_R is None else 100 * episode_R)
         clock["updates"], clock["env_steps"] = updates, env_steps
         log.write(row)
-        scores.append(100 * score.mean())
+        scores.append(float(100 * score.mean()))
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(f"a loss became non-finite ({values}) at {phase} step {step}")
         return float(score.mean())
 
+    def save_latest(phase, step, **online_state):
+        """Everything needed to continue from here; written atomically, so a kill leaves the old or the new one."""
+        state = dict(phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates,
+                     csv_rows=log.rows, scores=scores, wall_s=time.time() - start, rng=rng_states(env), **online_state)
+        atomic_write(run_dir / "latest.pt", lambda tmp: torch.save(state, tmp))
+
+    if latest:
+        agent.load_state_dict(latest["agent"])
+        agent.num_updates = latest["num_updates"]
+        set_rng_states(latest["rng"], env)
+        clock["updates"] = agent.num_updates
+    phase, done_steps = (latest["phase"], latest["step"]) if latest else ("offline", 0)
+
     # ---- Offline pre-training: K gradient steps on the dataset -----------------------------
-    buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
+    buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)  # on resume the dataset is added again
     buffer.add(data["obs"], data["actions"], data["rewards"], data["next_obs"], data["terminals"])
+    num_offline = len(data["rewards"])
     del data  # the buffer holds the only copy
-    if not args.load_offline:
-        with tqdm(total=args.offline_steps, desc="offline", unit="upd", mininterval=2) as bar:
-            log_evaluation("offline", 0, {}, 0, 0)
-            for step in range(1, args.offline_steps + 1):
+    if phase == "offline" and not args.load_offline:
+        with tqdm(total=args.offline_steps, initial=done_steps, desc="offline", unit="upd", mininterval=2) as bar:
+            if done_steps == 0:
+                log_evaluation("offline", 0, {}, 0, 0)
+            for step in range(done_steps + 1, args.offline_steps + 1):
                 metrics = agent.update(buffer.sample(args.batch_size))
                 if step % args.eval_every == 0 or step == args.offline_steps:
                     score = log_evaluation("offline", step, metrics, step, 0)
                     bar.set_postfix(score=f"{100 * score:.1f}")
+                if step % args.checkpoint_every == 0 and step < args.offline_steps:
+                    save_latest("offline", step)
                 bar.update()
         save_checkpoint(run_dir / "offline.pt", agent, {**meta, "offline_steps": args.offline_steps})
 
     # ---- No switch: the offline data stay, online data are appended to the same buffer -----
-    print(f"switch to online: the buffer keeps all {len(buffer)} offline transitions, FIFO capacity "
-          f"{buffer.capacity}", file=sys.stderr)
+    # Checkpoints hold the online part of the buffer only (and any dataset slots it overwrote).
+    if phase == "offline":
+        print(f"switch to online: the buffer keeps all {len(buffer)} offline transitions, FIFO capacity "
+              f"{buffer.capacity}", file=sys.stderr)
+        log_evaluation("online", 0, {}, agent.num_updates, 0)
+        R_current, done_steps = None, 0
+        save_latest("online", 0, buffer=buffer.state_dict(rebuilt=num_offline), R_current=R_current)
+    else:  # resuming fine-tuning where an episode was about to start
+        buffer.load_state_dict(latest["buffer"])
+        R_current = latest["R_current"]
+        clock["env_steps"] = done_steps
 
     # ---- Online fine-tuning: act by sampling pi, G gradient steps per environment step -----
-    log_evaluation("online", 0, {}, agent.num_updates, 0)
-    R_current = None
-    obs, _ = env.reset(seed=args.seed)
-    episode_return = 0.0
-    with tqdm(total=args.online_steps, desc="online", unit="step", mininterval=2) as bar:
-        for step in range(1, args.online_steps + 1):
+    obs, _ = env.reset(seed=args.seed if done_steps == 0 else None)
+    episode_return, last_checkpoint = 0.0, done_steps
+    with tqdm(total=args.online_steps, initial=done_steps, desc="online", unit="step", mininterval=2) as bar:
+        for step in range(done_steps + 1, args.online_steps + 1):
             with torch.no_grad():
                 obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
                 action = agent.actor.distribution(obs_t).sample()[0].cpu().numpy()
@@ -818,17 +915,25 @@ def main(args: Args):
             for _ in range(args.utd):
                 metrics = agent.update(buffer.sample(args.batch_size))
 
-            if terminated or truncated:
-                R_current = normalized(episode_return, info["ref_min_score"], info["ref_max_score"])
-                obs, _ = env.reset()
-                episode_return = 0.0
+            episode_over = terminated or truncated
+            if episode_over:
+                R_current = float(normalized(episode_return, info["ref_min_score"], info["ref_max_score"]))
 
             if step % args.eval_every == 0 or step == args.online_steps:
                 score = log_evaluation("online", step, metrics, agent.num_updates, step, R_current)
                 bar.set_postfix(score=f"{100 * score:.1f}")
+
+            if episode_over:
+                # Checkpoints wait for an episode's end: then the environment's state is only its RNG.
+                if step - last_checkpoint >= args.checkpoint_every and step < args.online_steps:
+                    save_latest("online", step, buffer=buffer.state_dict(rebuilt=num_offline), R_current=R_current)
+                    last_checkpoint = step
+                obs, _ = env.reset()
+                episode_return = 0.0
             bar.update()
 
     save_checkpoint(run_dir / "final.pt", agent, {**meta, "online_steps": args.online_steps})
+    (run_dir / "latest.pt").unlink(missing_ok=True)  # final.pt marks the run as finished
     print(f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, "
           f"wall time {time.time() - start:.0f} s, run folder {run_dir}")
     return run_dir

@@ -85,6 +85,7 @@ Choices the papers leave open, and the one taken (flag in brackets):
 Run:
     python baselines/balanced_replay.py --env hopper --dataset medium
     python baselines/balanced_replay.py --help      # every hyperparameter
+    python baselines/balanced_replay.py --resume runs/<run folder>   # continue a killed run from its latest.pt
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ class Args:
     """return that normalizes to 100 (default: dataset metadata, else D4RL's expert score)"""
     load_offline: Optional[str] = None
     """path to an offline.pt of this script: skip pre-training and fine-tune that agent"""
+    checkpoint_every: int = 50_000
+    """write a resumable latest.pt every this many gradient steps offline / env steps online (at the episode's end)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest.pt, with the arguments in its config.json (other flags are ignored)"""
 
 
 class UsageError(Exception):
@@ -239,8 +244,25 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
         if e.code not in (0, None):
             print("error: " + tyro_error_line(captured.getvalue()), file=sys.stderr)
         raise
+    if args.resume is not None:
+        args = resumed_args(args.resume)
     check_args(args)
     return args
+
+
+def resumed_args(run_dir) -> Args:
+    """The arguments a run folder was started with, to continue it."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        method = config.get("method")  # checked first: another script's run lacks some of these fields
+        if method is not None and method != METHOD:
+            raise UsageError(f"--resume: {run_dir} is a run of {method}, not {METHOD}")
+        fields = {name: config[name] for name in Args.__dataclass_fields__ if name != "resume"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {run_dir} is not a run folder of this script ({type(e).__name__})") from None
+    if method != METHOD:
+        raise UsageError(f"--resume: {run_dir} is not a run folder of this script (no method)")
+    return Args(**fields, resume=str(run_dir))
 
 
 def tyro_error_line(text):
@@ -262,7 +284,8 @@ def tyro_error_line(text):
 def check_args(args: Args) -> None:
     positive = ["offline_steps", "online_steps", "eval_every", "eval_episodes", "batch_size", "policy_freq",
                 "hidden_layers", "hidden_dim", "utd", "num_groups", "group_size", "online_fraction_horizon",
-                "ratio_batch_size", "ratio_hidden_layers", "ratio_hidden_dim", "random_dataset_steps"]
+                "ratio_batch_size", "ratio_hidden_layers", "ratio_hidden_dim", "random_dataset_steps",
+                "checkpoint_every"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -410,6 +433,14 @@ class ReplayBuffer:
     def __len__(self):
         return self.size
 
+    def state_dict(self):
+        return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
+
+    def load_state_dict(self, state):
+        self.ptr, self.size = state["ptr"], state["size"]
+        for name, storage in zip(Batch._fields, self.data):
+            storage.copy_(state[name])
+
 
 class PrioritizedReplayBuffer(ReplayBuffer):
     """The joint offline + online buffer, sampled in proportion to per-transition priorities.
@@ -440,6 +471,20 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def nbytes(self) -> int:
         return super().nbytes() + self.priorities.nbytes
+
+    def state_dict(self, transitions=True):
+        """transitions=False leaves out the transitions (the caller rebuilds them): pointers and priorities only."""
+        state = super().state_dict() if transitions else {"ptr": self.ptr, "size": self.size}
+        return {**state, "priorities": self.priorities[: self.size].clone(), "max_priority": self.max_priority}
+
+    def load_state_dict(self, state):
+        """Transitions left out of state must already be in place."""
+        if "obs" in state:
+            super().load_state_dict(state)
+        self.ptr, self.size = state["ptr"], state["size"]
+        self.priorities.zero_()
+        self.priorities[: self.size] = state["priorities"]
+        self.max_priority = state["max_priority"].clone()
 
 
 def initial_max_priority(offline_size, fraction, horizon):
@@ -748,15 +793,20 @@ COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_
 class ProgressLog:
     """progress.csv: one row per evaluation, flushed at once so a killed run keeps its rows."""
 
-    def __init__(self, path):
-        self.file = open(path, "w", newline="")
+    def __init__(self, path, keep_rows=None):
+        """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
+        lines = [",".join(COLUMNS) + "\n"]
+        if keep_rows is not None:  # rows written after the checkpoint are written again
+            lines = path.read_text().splitlines(keepends=True)[: 1 + keep_rows]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+        self.rows = len(lines) - 1
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, restval="")
-        self.writer.writeheader()
-        self.file.flush()
 
     def write(self, row):
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         self.file.flush()
+        self.rows += 1
 
 
 def atomic_write(path: Path, write):
@@ -793,6 +843,22 @@ def load_checkpoint(path, agent: Agent, meta: dict):
 
 class TrainingDiverged(Exception):
     pass
+
+
+def rng_states(rng: np.random.Generator, env):
+    """Every random stream a run draws from, so that a resumed run continues it exactly."""
+    return {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "env": env.unwrapped.np_random.bit_generator.state}
+
+
+def set_rng_states(states, rng: np.random.Generator, env):
+    random.setstate(states["python"])
+    rng.bit_generator.state = states["numpy"]
+    torch.set_rng_state(states["torch"].cpu())  # .cpu(): latest.pt is loaded with map_location=device
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    env.unwrapped.np_random.bit_generator.state = states["env"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -857,21 +923,32 @@ def main(args: Args):
     if args.load_offline:
         load_checkpoint(args.load_offline, agent, meta)
 
-    run_dir = Path(args.output_dir) / f"{info['env']}-{info['dataset']}__{METHOD}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-                "numpy": np.__version__}
-    for package in ("minari", "mujoco"):
-        with contextlib.suppress(Exception):
-            versions[package] = __import__(package).__version__
-    config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    log = ProgressLog(run_dir / "progress.csv")
+    latest = None  # the state saved by the last checkpoint, when resuming
+    if args.resume:
+        run_dir = Path(args.resume)
+        if (run_dir / "final.pt").exists():
+            print(f"{run_dir} has finished already (final.pt): nothing to resume", file=sys.stderr)
+            return run_dir
+        if (run_dir / "latest.pt").exists():
+            latest = torch.load(run_dir / "latest.pt", map_location=device, weights_only=True)
+        log = ProgressLog(run_dir / "progress.csv", keep_rows=latest["csv_rows"] if latest else 0)
+    else:
+        run_dir = Path(args.output_dir) / f"{info['env']}-{info['dataset']}__{METHOD}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                    "numpy": np.__version__}
+        for package in ("minari", "mujoco"):
+            with contextlib.suppress(Exception):
+                versions[package] = __import__(package).__version__
+        config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        log = ProgressLog(run_dir / "progress.csv")
     print(f"run folder: {run_dir}  ({info['dataset_id']}, {info['dataset_transitions']} transitions, "
-          f"{info['env_id']}, {device})", file=sys.stderr)
+          f"{info['env_id']}, {device})" + (f", resuming {latest['phase']} step {latest['step']}" if latest else ""),
+          file=sys.stderr)
 
-    start = time.time()
-    scores = []
+    start = time.time() - (latest["wall_s"] if latest else 0.0)
+    scores = latest["scores"] if latest else []
     clock = {"time": time.time(), "updates": 0, "env_steps": 0}
 
     def log_evaluation(phase, step, alpha, metrics, updates, env_steps, memory, episode_R=None):
@@ -889,24 +966,41 @@ def main(args: Args):
                    buffer_bytes=memory)
         clock["updates"], clock["env_steps"] = updates, env_steps
         log.write(row)
-        scores.append(100 * score.mean())
+        scores.append(float(100 * score.mean()))
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(f"a loss became non-finite ({values}) at {phase} step {step}")
         return float(score.mean())
 
+    def save_latest(phase, step, **online_state):
+        """Everything needed to continue from here; written atomically, so a kill leaves the old or the new one."""
+        state = dict(phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates,
+                     last_actor_loss=agent.last_actor_loss, csv_rows=log.rows, scores=scores,
+                     wall_s=time.time() - start, rng=rng_states(rng, env), **online_state)
+        atomic_write(run_dir / "latest.pt", lambda tmp: torch.save(state, tmp))
+
+    if latest:
+        agent.load_state_dict(latest["agent"])
+        agent.num_updates, agent.last_actor_loss = latest["num_updates"], latest["last_actor_loss"]
+        set_rng_states(latest["rng"], rng, env)
+        clock["updates"] = agent.num_updates
+    phase, done_steps = (latest["phase"], latest["step"]) if latest else ("offline", 0)
+
     # ---- Offline pre-training: K gradient steps of TD3+BC with the pessimistic ensemble ----
-    offline = ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)
+    offline = ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)  # rebuilt from the dataset on resume
     offline.add(data["obs"], data["actions"], data["rewards"], data["next_obs"], data["terminals"])
     del data  # the buffer holds the only copy
     alpha = torch.tensor(args.alpha_offline, device=device)
-    if not args.load_offline:
-        with tqdm(total=args.offline_steps, desc="offline", unit="upd", mininterval=2) as bar:
-            log_evaluation("offline", 0, args.alpha_offline, {}, 0, 0, offline.nbytes())
-            for step in range(1, args.offline_steps + 1):
+    if phase == "offline" and not args.load_offline:
+        with tqdm(total=args.offline_steps, initial=done_steps, desc="offline", unit="upd", mininterval=2) as bar:
+            if done_steps == 0:
+                log_evaluation("offline", 0, args.alpha_offline, {}, 0, 0, offline.nbytes())
+            for step in range(done_steps + 1, args.offline_steps + 1):
                 metrics = agent.update(offline.sample(args.batch_size), alpha)
                 if step % args.eval_every == 0 or step == args.offline_steps:
                     score = log_evaluation("offline", step, args.alpha_offline, metrics, step, 0, offline.nbytes())
                     bar.set_postfix(score=f"{100 * score:.1f}")
+                if step % args.checkpoint_every == 0 and step < args.offline_steps:
+                    save_latest("offline", step)
                 bar.update()
         save_checkpoint(run_dir / "offline.pt", agent, {**meta, "offline_steps": args.offline_steps})
 
@@ -918,19 +1012,34 @@ def main(args: Args):
     joint.max_priority.fill_(initial_max_priority(num_offline, args.init_online_fraction, args.online_fraction_horizon))
     memory = offline.nbytes() + online.nbytes() + joint.nbytes()
     mb = 1 / 2 ** 20
-    print(f"switch to online: replay buffers take {memory * mb:.1f} MiB: offline {num_offline} transitions "
-          f"{offline.nbytes() * mb:.1f} MiB, online capacity {online.capacity} {online.nbytes() * mb:.1f} MiB, "
-          f"prioritized capacity {joint.capacity} {joint.nbytes() * mb:.1f} MiB", file=sys.stderr)
+
+    def buffer_state():
+        # The joint buffer's transitions are the offline data then the online FIFO's (nothing is ever
+        # overwritten): the checkpoint keeps only its pointers and priorities and rebuilds the rest.
+        return dict(online=online.state_dict(), joint=joint.state_dict(transitions=False))
+
+    if phase == "offline":
+        print(f"switch to online: replay buffers take {memory * mb:.1f} MiB: offline {num_offline} transitions "
+              f"{offline.nbytes() * mb:.1f} MiB, online capacity {online.capacity} {online.nbytes() * mb:.1f} MiB, "
+              f"prioritized capacity {joint.capacity} {joint.nbytes() * mb:.1f} MiB", file=sys.stderr)
+        alpha.fill_(args.alpha_online)
+        log_evaluation("online", 0, args.alpha_online, {}, agent.num_updates, 0, memory)
+        R_current, done_steps = None, 0
+        save_latest("online", 0, **buffer_state(), R_current=R_current)
+    else:  # resuming fine-tuning where an episode was about to start
+        online.load_state_dict(latest["online"])
+        joint.add(*(field[: online.size] for field in online.data))
+        joint.load_state_dict(latest["joint"])
+        R_current = latest["R_current"]
+        clock["env_steps"] = done_steps
 
     # ---- Online fine-tuning: prioritized replay from the joint buffer, G steps per env step --
     alpha.fill_(args.alpha_online)
-    log_evaluation("online", 0, args.alpha_online, {}, agent.num_updates, 0, memory)
-    R_current = None
-    obs, _ = env.reset(seed=args.seed)
-    episode_return = 0.0
+    obs, _ = env.reset(seed=args.seed if done_steps == 0 else None)
+    episode_return, last_checkpoint = 0.0, done_steps
     noise_std = args.exploration_noise * (high - low) / 2
-    with tqdm(total=args.online_steps, desc="online", unit="step", mininterval=2) as bar:
-        for step in range(1, args.online_steps + 1):
+    with tqdm(total=args.online_steps, initial=done_steps, desc="online", unit="step", mininterval=2) as bar:
+        for step in range(done_steps + 1, args.online_steps + 1):
             with torch.no_grad():
                 action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
             action = np.clip(action + rng.normal(0.0, noise_std), low, high)
@@ -949,18 +1058,26 @@ def main(args: Args):
                 metrics = agent.update(replayed, alpha)
             metrics.update(ratio_loss=loss_w, online_fraction=(idx >= num_offline).float().mean())
 
-            if terminated or truncated:
-                R_current = normalized(episode_return, info["ref_min_score"], info["ref_max_score"])
-                obs, _ = env.reset()
-                episode_return = 0.0
+            episode_over = terminated or truncated
+            if episode_over:
+                R_current = float(normalized(episode_return, info["ref_min_score"], info["ref_max_score"]))
 
             if step % args.eval_every == 0 or step == args.online_steps:
                 score = log_evaluation("online", step, args.alpha_online, metrics, agent.num_updates, step, memory,
                                        R_current)
                 bar.set_postfix(score=f"{100 * score:.1f}")
+
+            if episode_over:
+                # Checkpoints wait for an episode's end: then the environment's state is only its RNG.
+                if step - last_checkpoint >= args.checkpoint_every and step < args.online_steps:
+                    save_latest("online", step, **buffer_state(), R_current=R_current)
+                    last_checkpoint = step
+                obs, _ = env.reset()
+                episode_return = 0.0
             bar.update()
 
     save_checkpoint(run_dir / "final.pt", agent, {**meta, "online_steps": args.online_steps})
+    (run_dir / "latest.pt").unlink(missing_ok=True)  # final.pt marks the run as finished
     print(f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, "
           f"wall time {time.time() - start:.0f} s, run folder {run_dir}")
     return run_dir

@@ -396,3 +396,131 @@ def test_non_finite_loss_stops_with_exit_1(script, tmp_path, monkeypatch, capsys
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert len(read_progress(run_dir)) == 2  # the rows up to the failure are kept
     assert not (run_dir / "final.pt").exists() and not (run_dir / "offline.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming: killed twice with SIGKILL, resumed, and the same as an uninterrupted run
+# ---------------------------------------------------------------------------------------
+# Budgets that last a few seconds, so that polling latest.pt catches each phase.
+RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 800, "--online-steps", 400,
+             "--eval-every", 200, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16, "--batch-size", 32,
+             "--checkpoint-every", 100]
+RESUMABLE_FLAGS = {AWAC: RESUMABLE + ["--actor-hidden-layers", 1],
+                   BR: RESUMABLE + ["--ratio-hidden-dim", 16, "--ratio-batch-size", 32]}
+FINAL_PARTS = {AWAC: ("actor", "critic", "critic_target"),
+               BR: ("actor", "critic", "actor_target", "critic_target", "ratio")}
+
+
+def kill_when(proc, run_parent, phase, min_step, timeout=120):
+    """SIGKILL the run once its latest.pt is a checkpoint of phase at step >= min_step."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for latest in run_parent.glob("*/latest.pt"):
+            try:
+                state = torch.load(latest, weights_only=True)
+            except Exception:
+                continue  # replaced while we read it
+            if state["phase"] == phase and state["step"] >= min_step:
+                proc.kill()
+                proc.wait()
+                return state["step"]
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before a {phase} checkpoint at step {min_step}")
+
+
+def transitions(n, start=0, obs_dim=2, act_dim=1):
+    x = torch.arange(start, start + n, dtype=torch.float32)
+    return x[:, None].repeat(1, obs_dim), x[:, None].repeat(1, act_dim), x, x[:, None].repeat(1, obs_dim) + 0.5, x * 0
+
+
+@pytest.mark.parametrize("online_steps", [2, 5, 9])  # no overwrite, part of the dataset overwritten, all of it
+def test_awac_buffer_checkpoint_leaves_out_the_dataset_it_can_rebuild(online_steps):
+    buffer = awac.ReplayBuffer(6, 2, 1, "cpu")
+    buffer.add(*transitions(4))  # the dataset
+    for step in range(online_steps):
+        buffer.add(*(t[None] for t in transitions(1, start=100 + step)))
+    state = buffer.state_dict(rebuilt=4)
+    assert len(state["rewards"]) == min(4, max(0, 4 + online_steps - 6)) + min(online_steps, 2)
+    rebuilt = awac.ReplayBuffer(6, 2, 1, "cpu")
+    rebuilt.add(*transitions(4))
+    rebuilt.load_state_dict(state)
+    assert (rebuilt.ptr, rebuilt.size, rebuilt.added) == (buffer.ptr, buffer.size, buffer.added)
+    for a, b in zip(buffer.data, rebuilt.data):
+        assert torch.equal(a, b)
+
+
+def test_balanced_replay_joint_buffer_checkpoint_keeps_priorities_and_running_max():
+    joint = br.PrioritizedReplayBuffer(8, 2, 1, "cpu")
+    joint.add(*transitions(3), priority=1.0)
+    joint.max_priority.fill_(4.0)
+    joint.add(*transitions(2, start=10))
+    joint.update_priorities(torch.tensor([0, 4]), torch.tensor([7.0, 0.5]))
+    state = joint.state_dict(transitions=False)
+    assert "obs" not in state and torch.equal(state["priorities"], torch.tensor([7.0, 1, 1, 4, 0.5]))
+    rebuilt = br.PrioritizedReplayBuffer(8, 2, 1, "cpu")
+    rebuilt.add(*transitions(3), priority=1.0)
+    rebuilt.add(*transitions(2, start=10))
+    rebuilt.load_state_dict(state)
+    assert (rebuilt.ptr, rebuilt.size, float(rebuilt.max_priority)) == (5, 5, 7.0)
+    assert torch.equal(rebuilt.priorities, joint.priorities)
+    full = br.PrioritizedReplayBuffer(8, 2, 1, "cpu")
+    full.load_state_dict(joint.state_dict())
+    for a, b in zip(joint.data, full.data):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("script", [AWAC, BR])
+def test_killed_twice_and_resumed_run_ends_like_an_uninterrupted_one(script, datasets_path, tmp_path, monkeypatch,
+                                                                     capsys):
+    import os
+    import subprocess
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
+
+    def start(*flags):
+        return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    flags = RESUMABLE_FLAGS[script]
+    killed = start(*flags, "--output-dir", tmp_path / "b")
+    kill_when(killed, tmp_path / "b", "offline", 200)  # a real SIGKILL, mid pre-training
+    reference = start(*flags, "--output-dir", tmp_path / "a")
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = start("--resume", run_b)
+    kill_when(resumed, tmp_path / "b", "online", 100)  # and again mid fine-tuning
+    finished = start("--resume", run_b)
+    out, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert "resuming offline step" in resumed.stderr.read() and "resuming online step" in err
+    assert reference.wait(timeout=300) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    assert not (run_b / "latest.pt").exists() and (run_b / "final.pt").exists()
+
+    # Every evaluation row once, with the same numbers (timings aside).
+    rows_a, rows_b = read_progress(run_a), read_progress(run_b)
+    module = awac if script == AWAC else br
+    same = [c for c in module.COLUMNS if c not in ("updates_per_s", "env_steps_per_s", "wall_s")]
+    assert [(r["phase"], r["step"]) for r in rows_b] == [(r["phase"], r["step"]) for r in rows_a]
+    assert len(rows_a) == 5 + 3  # offline 0..800 and online 0..400, every 200 steps
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a]
+    # And the same final networks and optimizer states, bit for bit (CPU, one thread).
+    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
+    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
+    for part in FINAL_PARTS[script]:
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)
+    for part in [name for name in final_a if name.endswith("_optim")]:
+        for key, value in final_a[part]["state"].items():
+            for name, tensor in value.items():
+                assert torch.equal(tensor, final_b[part]["state"][key][name]), (part, key, name)
+
+    # In this process, to save two interpreter starts: a finished run, and a folder that is no run.
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
+    capsys.readouterr()
+    assert module.main(module.parse_args(["--resume", str(run_b)])) == run_b
+    assert "finished already" in capsys.readouterr().err
+    code, err = run_in_process(script, ["--resume", tmp_path], datasets_path, monkeypatch, capsys)
+    assert code == 2 and one_error_line(err) and "is not a run folder" in err
+    code, err = run_in_process(BR if script == AWAC else AWAC, ["--resume", run_b], datasets_path, monkeypatch, capsys)
+    assert code == 2 and one_error_line(err) and f"is a run of {module.METHOD}" in err
