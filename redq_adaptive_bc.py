@@ -306,13 +306,13 @@ class CriticEnsemble(nn.Module):
 
     def forward(self, obs, action, critic_idx=None):
         """Q-values of shape (N, B), or (len(critic_idx), B) for a subset of the critics."""
-        x = torch.cat([obs, action], dim=-1)
+        n = len(self.weights[0]) if critic_idx is None else len(critic_idx)
+        x = torch.cat([obs, action], dim=-1).expand(n, -1, -1)  # the same (B, in) input for every critic
         num_layers = len(self.weights)
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             if critic_idx is not None:
                 weight, bias = weight[critic_idx], bias[critic_idx]
-            # The first layer broadcasts the same (B, in) input to every critic.
-            x = torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight) if x.dim() == 2 else torch.baddbmm(bias, x, weight)
+            x = torch.baddbmm(bias, x, weight)
             if layer < num_layers - 1:
                 x = self.activation(x)
         return x.squeeze(-1)
@@ -421,7 +421,6 @@ def staged_dataset(dataset_id):
     os.environ["MINARI_DATASETS_PATH"] = str(scratch)
     try:
         yield
-        os.environ["MINARI_DATASETS_PATH"] = str(root)
         (root / dataset_id).parent.mkdir(parents=True, exist_ok=True)
         os.replace(scratch / dataset_id, root / dataset_id)
     finally:
@@ -549,7 +548,7 @@ def td_target(batch: Batch, actor_target, critic_target, critic_idx, gamma, poli
     next_actions = actor_target(batch.next_obs) + noise * actor_target.action_scale
     low = actor_target.action_bias - actor_target.action_scale
     high = actor_target.action_bias + actor_target.action_scale
-    next_actions = torch.max(torch.min(next_actions, high), low)
+    next_actions = next_actions.clamp(low, high)
     q_next = critic_target(batch.next_obs, next_actions, critic_idx).min(dim=0).values
     return batch.rewards + gamma * (1.0 - batch.terminals) * q_next
 
@@ -812,7 +811,6 @@ def main(args: Args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     random.seed(args.seed)
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
