@@ -1,0 +1,39 @@
+"""Record the golden runs: a fixed-seed tiny run of each training script, on one CPU thread.
+
+The refactor of issue 10 must not change behaviour; tests/test_golden.py replays these commands
+and compares the progress.csv numbers. Recorded on main at c151b98 (before the refactor) with
+
+    python tests/golden/record.py
+
+Re-record only when a change is meant to alter the numbers, and say so in the commit.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from commands import GOLDEN_RUNS, build_dataset  # noqa: E402
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp / "minari"), "OMP_NUM_THREADS": "1"}
+        build_dataset(env)
+        for name, (script, flags) in GOLDEN_RUNS.items():
+            out = tmp / name
+            subprocess.run([sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)], cwd=tmp, env=env,
+                           check=True, capture_output=True)
+            (run_dir,) = out.iterdir()
+            shutil.copy(run_dir / "progress.csv", HERE / f"{name}.csv")
+            print(f"recorded {name}")
+
+
+if __name__ == "__main__":
+    main()
