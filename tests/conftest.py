@@ -65,8 +65,8 @@ def datasets_path(tmp_path_factory):
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
-        import redq_adaptive_bc as m
-        m.build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
+        from plumbing.datasets import build_random_dataset
+        build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
     finally:
         if old is None:
             del os.environ["MINARI_DATASETS_PATH"]

@@ -8,7 +8,10 @@ SCHEDULE = ["--dataset", "random", "--random-dataset-steps", "400", "--offline-s
             "--eval-every", "20", "--eval-episodes", "2", "--hidden-dim", "16", "--batch-size", "32", "--seed", "3"]
 
 GOLDEN_RUNS = {
-    "redq_adaptive_bc": ("redq_adaptive_bc.py", SCHEDULE + ["--utd", "2", "--num-critics", "3", "--keep-min", "100"]),
+    # The flags after --keep-min restore the defaults of c151b98 that issue 11 changed.
+    "redq_adaptive_bc": ("redq_adaptive_bc.py", SCHEDULE + ["--utd", "2", "--num-critics", "3", "--keep-min", "100",
+                                                          "--critic-init", "pytorch", "--critic-loss-reduction", "sum",
+                                                          "--r-last-start", "mean"]),
     "td3_bc": ("baselines/td3_bc.py", SCHEDULE + ["--utd", "2"]),
     "awac": ("baselines/awac.py", SCHEDULE + ["--utd", "2", "--actor-hidden-layers", "1"]),
     "balanced_replay": ("baselines/balanced_replay.py",
@@ -25,5 +28,5 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
 
 def build_dataset(env):
     """local/hopper/random-400steps-v0 in env's MINARI_DATASETS_PATH, through the main script's own recipe."""
-    code = "import redq_adaptive_bc as m; m.build_random_dataset('local/hopper/random-400steps-v0', 'Hopper-v5', 400)"
+    code = "from plumbing.datasets import build_random_dataset as b; b('local/hopper/random-400steps-v0', 'Hopper-v5', 400)"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)

@@ -1,0 +1,291 @@
+"""Minari datasets: resolve an id, load it (download or build D4RL's way on first use), check it,
+recover its environments, and its reference scores for D4RL normalization.
+
+Minari's server has mujoco/<env>/{simple,medium,expert}-v0. D4RL's other recipes are built here:
+random (a uniform random policy), medium-expert (medium + expert). medium-replay needs a behavior
+agent's replay buffer: `baselines/redq.py --export-replay` writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from plumbing.cli import UsageError, progress_bar
+
+ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+# D4RL's reference returns (random policy, expert policy): Minari's mujoco/*-v0 datasets carry none.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+REMOTE_DATASETS = ("medium", "expert", "simple")  # on Minari's server as mujoco/<env>/<name>-v0
+DEFAULT_RANDOM_STEPS = 1_000_000  # D4RL's random datasets
+DATASET_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+")  # Minari's (namespace/)name-v(version)
+STAGING = ".staging"
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+
+
+def dataset_path(dataset_id: str) -> Path:
+    """The dataset's folder, refusing ids that would leave the datasets root."""
+    if not DATASET_ID.fullmatch(dataset_id) or any(part in ("", ".", "..") for part in dataset_id.split("/")):
+        raise UsageError(f"dataset id {dataset_id!r} is not a Minari id like mujoco/hopper/medium-v0 "
+                         f"(letters, digits, '_', '.', '-', '/'-separated, ending in -v<version>)")
+    return datasets_root() / dataset_id
+
+
+def resolve_dataset_id(env: str, dataset: str, dataset_id: str | None, random_steps: int) -> str:
+    """--dataset-id as given, else the id of --env/--dataset: remote ones under mujoco/, built ones under local/."""
+    if dataset_id is not None:
+        dataset_path(dataset_id)
+        return dataset_id
+    if dataset in REMOTE_DATASETS:
+        return f"mujoco/{env}/{dataset}-v0"
+    if dataset == "random" and random_steps != DEFAULT_RANDOM_STEPS:  # a smaller one gets its own id
+        return f"local/{env}/random-{random_steps}steps-v0"
+    return f"local/{env}/{dataset}-v0"
+
+
+def env_name_of(env_id: str) -> str:
+    """'Walker2d-v5' -> 'walker2d'."""
+    return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
+
+
+def dataset_name_of(dataset_id: str) -> str:
+    """'mujoco/hopper/medium-v0' -> 'medium'."""
+    return re.sub(r"-v\d+$", "", dataset_id.split("/")[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, downloading, building
+# ---------------------------------------------------------------------------------------
+def load_dataset(dataset_id: str):
+    """The Minari dataset dataset_id: from disk, else downloaded (remote ids) or built (local/ recipes)."""
+    path = dataset_path(dataset_id)
+    if not (path / "data").is_dir():
+        obtain_dataset(dataset_id)
+    return open_dataset(dataset_id)
+
+
+def open_dataset(dataset_id: str):
+    """minari.load_dataset with every way a folder can be broken reported as one line."""
+    import minari
+
+    path = dataset_path(dataset_id) / "data"
+    if not (path / "metadata.json").is_file():
+        raise UsageError(f"dataset {dataset_id}: {path} has no metadata.json (an incomplete copy?); "
+                         f"delete {path.parent} to download or build it again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = minari.load_dataset(dataset_id)
+            num_episodes = dataset.total_episodes
+            if num_episodes:
+                next(iter(dataset.iterate_episodes([0])))  # reads the episode file, so a truncated one shows here
+    except Exception as e:  # h5py, json and Minari errors alike
+        raise UsageError(f"dataset {dataset_id} in {path.parent} cannot be read ({one_line(e)}); "
+                         f"delete the folder to download or build it again") from None
+    if num_episodes == 0:
+        raise UsageError(f"dataset {dataset_id} has no episodes")
+    return dataset
+
+
+def obtain_dataset(dataset_id: str) -> None:
+    """Download a remote dataset, or build a local one from D4RL's recipes."""
+    import minari
+
+    parts = dataset_id.split("/")
+    env_name, name = (parts[1] if len(parts) == 3 else None), parts[-1]
+    random_recipe = re.fullmatch(r"random(?:-(\d+)steps)?-v0", name)
+    if parts[0] != "local":
+        download_dataset(dataset_id)
+    elif random_recipe and env_name in ENV_IDS:
+        build_random_dataset(dataset_id, ENV_IDS[env_name], int(random_recipe.group(1) or DEFAULT_RANDOM_STEPS))
+    elif name == "medium-expert-v0" and env_name in ENV_IDS:
+        sources = [load_dataset(f"mujoco/{env_name}/{part}-v0") for part in ("medium", "expert")]
+        with staged_dataset(dataset_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            minari.combine_datasets(sources, new_dataset_id=dataset_id)
+    elif name == "medium-replay-v0":
+        raise UsageError(
+            f"dataset {dataset_id} does not exist: Minari's server has no medium-replay data and D4RL's recipe needs "
+            f"the replay buffer of a behavior agent; build it with `python baselines/redq.py --export-replay "
+            f"{dataset_id} ...` (docs/datasets.md) or choose another --dataset")
+    else:
+        local = sorted(str(p.parent.relative_to(datasets_root())) for p in datasets_root().glob("local/**/data"))
+        close = difflib.get_close_matches(dataset_id, local, n=3)
+        raise UsageError(f"local dataset {dataset_id} not found in {datasets_root()} (local ids are never downloaded"
+                         + (f"; did you mean {' or '.join(close)}?)" if close else
+                            f"; {len(local)} local datasets there; set MINARI_DATASETS_PATH or build it)"))
+
+
+def download_dataset(dataset_id: str) -> None:
+    import minari
+
+    try:
+        with staged_dataset(dataset_id):
+            minari.download_dataset(dataset_id)
+    except UsageError:
+        raise
+    except Exception as e:  # no network, unknown id, server error: all end the same way
+        raise UsageError(
+            f"dataset {dataset_id} is not in {datasets_root()} and could not be downloaded ({one_line(e)}); "
+            f"on a machine with internet access run `minari download {dataset_id}` and copy "
+            f"~/.minari/datasets/{dataset_id} into {datasets_root()}") from None
+
+
+@contextlib.contextmanager
+def staged_dataset(dataset_id: str):
+    """Write a dataset in a scratch folder and move it into place only once complete, so an interrupted
+    download or build never leaves a half-written dataset. Scratch folders of dead builds are removed."""
+    root = datasets_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(root)
+    scratch = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}-{socket.gethostname()}-{os.getpid()}-"))
+    (scratch / dataset_id).parent.mkdir(parents=True, exist_ok=True)
+    os.environ["MINARI_DATASETS_PATH"] = str(scratch)
+    try:
+        yield
+        (root / dataset_id).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / dataset_id, root / dataset_id)
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = str(root)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_dead_staging(root: Path) -> None:
+    """Scratch folders named .staging-<host>-<pid>-* whose process on this host is gone."""
+    host = socket.gethostname()
+    for folder in root.glob(f"{STAGING}-*"):
+        match = re.fullmatch(rf"{re.escape(STAGING)}-(.+)-(\d+)-[^-]+", folder.name)
+        if match and match.group(1) == host and not process_alive(int(match.group(2))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_random_dataset(dataset_id: str, env_id: str, num_steps: int, seed: int = 0) -> None:
+    """D4RL's random recipe: a uniform random policy for num_steps steps, stored episode by episode."""
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    episodes, steps = [], 0
+    with progress_bar(num_steps, desc=f"building {dataset_id}", unit="step") as bar:
+        while steps < num_steps:
+            obs, _ = env.reset(seed=seed if not episodes else None)
+            ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+            terminated = truncated = False
+            while not (terminated or truncated) and steps < num_steps:
+                action = env.action_space.sample()
+                obs, reward, terminated, truncated, _ = env.step(action)
+                for key, value in zip(ep, (obs, action, reward, terminated, truncated)):
+                    ep[key].append(value)
+                steps += 1
+            ep["truncations"][-1] = not terminated  # the budget cut the last episode: a time-out, not a termination
+            episodes.append(EpisodeBuffer(id=len(episodes), **{k: np.asarray(v) for k, v in ep.items()}))
+            bar.update(len(ep["rewards"]))
+    write_dataset(dataset_id, episodes, env_id, algorithm_name="uniform random policy (D4RL random recipe)",
+                  description=f"{num_steps} steps of uniformly random actions in {env_id}")
+
+
+def write_dataset(dataset_id, episodes, env_id, algorithm_name, description, ref_min=None, ref_max=None) -> None:
+    """Minari EpisodeBuffers as dataset_id, written through a staging folder."""
+    import minari
+
+    dataset_path(dataset_id)
+    print(f"writing {dataset_id}: {len(episodes)} episodes ...", file=sys.stderr)
+    with staged_dataset(dataset_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari warns about unset author/permalink fields
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env_id, algorithm_name=algorithm_name,
+                                           description=description, ref_min_score=ref_min, ref_max_score=ref_max)
+
+
+# ---------------------------------------------------------------------------------------
+# Environments, checks and reference scores
+# ---------------------------------------------------------------------------------------
+def dataset_env_name(dataset, dataset_id: str, fallback: str) -> str:
+    """The task a dataset belongs to: its recorded env spec, else its namespace (local/hopper/...), else --env."""
+    if dataset.spec.env_spec is not None:
+        return env_name_of(dataset.spec.env_spec.id)
+    parts = dataset_id.split("/")
+    return parts[1] if len(parts) == 3 and parts[1] in ENV_IDS else fallback
+
+
+def make_envs(dataset, dataset_id: str, fallback_env: str):
+    """(training env, evaluation env) for the dataset, checked against its spaces."""
+    if dataset.spec.env_spec is not None:
+        env, eval_env = dataset.recover_environment(), dataset.recover_environment(eval_env=True)
+    else:
+        name = dataset_env_name(dataset, dataset_id, fallback_env)
+        env, eval_env = gym.make(ENV_IDS[name]), gym.make(ENV_IDS[name])
+    for kind in ("observation_space", "action_space"):
+        data_space, env_space = getattr(dataset, kind), getattr(env, kind)
+        if not isinstance(env_space, gym.spaces.Box) or data_space.shape != env_space.shape:
+            raise UsageError(f"dataset {dataset_id}: {kind} {data_space} does not match {env.spec.id}'s {env_space}")
+    return env, eval_env
+
+
+def check_transitions(data: dict, dataset_id: str, action_space, tolerance: float = 1e-3) -> None:
+    """Reject NaN/infinite values and actions outside the environment's bounds."""
+    for key, value in data.items():
+        if not np.isfinite(value).all():
+            raise UsageError(f"dataset {dataset_id} has NaN or infinite values in {key}")
+    actions = data["actions"]
+    if len(actions) == 0:
+        raise UsageError(f"dataset {dataset_id} has no transitions")
+    low, high = actions.min(axis=0), actions.max(axis=0)
+    if (low < action_space.low - tolerance).any() or (high > action_space.high + tolerance).any():
+        raise UsageError(f"dataset {dataset_id}: actions span [{low.min():.3g}, {high.max():.3g}], outside the "
+                         f"environment's bounds [{action_space.low.min():.3g}, {action_space.high.max():.3g}]")
+
+
+def reference_scores(dataset, env_name: str, ref_min: float | None, ref_max: float | None):
+    """(ref_min, ref_max, source): each end from its flag, else the dataset's metadata, else D4RL's table."""
+    metadata = dataset.storage.metadata if dataset is not None else {}
+    return choose_reference_scores(env_name, ref_min, ref_max, metadata.get("ref_min_score"),
+                                   metadata.get("ref_max_score"))
+
+
+def choose_reference_scores(env_name, flag_min, flag_max, meta_min=None, meta_max=None):
+    d4rl = D4RL_REF_SCORES.get(env_name, (None, None))
+    ends = []
+    for candidates in ([(flag_min, "flags"), (meta_min, "dataset metadata"), (d4rl[0], "D4RL table")],
+                       [(flag_max, "flags"), (meta_max, "dataset metadata"), (d4rl[1], "D4RL table")]):
+        value, source = next(((v, s) for v, s in candidates if v is not None), (None, None))
+        if value is None:
+            raise UsageError(f"no reference scores for {env_name}: pass --ref-min-score and --ref-max-score")
+        ends.append((float(value), source))
+    (low, low_source), (high, high_source) = ends
+    if not high > low:
+        raise UsageError(f"reference scores must satisfy min < max, got {low} and {high}")
+    return low, high, low_source if low_source == high_source else f"{low_source} (min), {high_source} (max)"
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -1,0 +1,363 @@
+"""The run folder: one writer at a time, config.json, CSV logs flushed per row, checkpoints, resume.
+
+    <output-dir>/<env>-<dataset>__<method>__<seed>__<unix time>[-k]/
+        config.json     every argument, the dataset, reference scores, versions, git commit
+        progress.csv    one row per evaluation (columns: docs/adding-a-method.md)
+        episodes.csv    one row per online training episode
+        latest.pt       resumable state (the newest checkpoint; removed when the run finishes)
+        offline.pt      the agent after pre-training (--load-offline takes it, or the run folder)
+        final.pt        the agent at the end: its presence marks a finished run
+        actor.pt        the final policy alone, with its network configuration (scripts/play.py)
+
+Every file is written to a private temporary name and renamed, so a reader (or a kill) never sees
+half a file. The folder is locked while a process writes to it; the lock dies with the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plumbing.cli import Preempted, UsageError, stop_requested
+
+# Every key of a progress.csv row, in order, for every method (docs/adding-a-method.md).
+PROGRESS_COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha",
+                    "critic_loss", "actor_loss", "q_mean", "updates_per_s", "env_steps_per_s", "wall_s"]
+ECHOED = ("phase", "step", "normalized_score", "alpha")  # printed per row when stderr is not a terminal
+
+
+def private_tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename: a reader never sees a half-written file."""
+    tmp = private_tmp(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path, what: str) -> dict:
+    """torch.load with weights_only=True (a foreign file cannot run code); any damage is one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict):
+            raise ValueError("not a checkpoint dictionary")
+        return obj
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UsageError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
+
+
+class CsvLog:
+    """A CSV file with a fixed header, one row per write, flushed at once so a killed run keeps its rows."""
+
+    def __init__(self, path: Path, columns, keep_rows=None, echo=(), tracker=None):
+        """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
+        lines = [",".join(columns) + "\n"]
+        if keep_rows is not None and path.exists():
+            existing = path.read_text().splitlines(keepends=True)
+            if existing[:1] != lines or len(existing) < 1 + keep_rows:
+                raise UsageError(f"--resume: {path} does not hold the {keep_rows} rows latest.pt expects")
+            lines = existing[: 1 + keep_rows]  # rows written after the checkpoint are written again
+        atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+        self.path, self.rows, self.echo, self.tracker = path, len(lines) - 1, echo, tracker
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
+        self.rows += 1
+        if self.echo and not sys.stderr.isatty():
+            print(" ".join(f"{k}={fmt(row[k])}" for k in self.echo if k in row),
+                  file=sys.stderr, flush=True)
+        if self.tracker is not None:
+            self.tracker.log(self.path.stem, row)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class RunFolder:
+    """The folder of one run, locked for this process. Create one with RunFolder.create or RunFolder.reopen."""
+
+    def __init__(self, path: Path, config: dict, latest: dict | None, resumed: bool):
+        self.path, self.config, self.latest, self.resumed = path, config, latest, resumed
+        self.started = time.monotonic() - (latest["wall_s"] if latest else 0.0)
+        self.last_checkpoint = (latest["step"] if latest else 0, time.monotonic())
+        self.logs: dict[str, CsvLog] = {}
+        self.actor_description: dict = {}
+        online = latest is not None and latest["phase"] == "online"
+        self.clock = (time.monotonic(), latest.get("num_updates", 0) if latest else 0, latest["step"] if online else 0)
+        self.tracker = None
+        if config.get("track"):
+            from plumbing.tracking import Tracker
+
+            self.tracker = Tracker(path / "tensorboard", config)
+
+    @classmethod
+    def create(cls, output_dir, name: str, config: dict) -> "RunFolder":
+        """A new folder <output_dir>/<name>__<unix time>, suffixed -1, -2, ... if that name is taken."""
+        base = Path(output_dir) / f"{name}__{int(time.time())}"
+        for k in range(1000):
+            path = base if k == 0 else base.with_name(f"{base.name}-{k}")
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise UsageError(f"cannot find a free run folder name like {base}")
+        lock(path)
+        config = {**config, "git_commit": git_commit(), "versions": versions(), "host": socket.gethostname()}
+        atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        return cls(path, config, latest=None, resumed=False)
+
+    @classmethod
+    def reopen(cls, path) -> "RunFolder":
+        """An existing run folder (--resume), with its latest.pt state (None: start again from the beginning)."""
+        path = Path(path)
+        lock(path)
+        config = json.loads((path / "config.json").read_text())
+        latest = load_torch(path / "latest.pt", "--resume") if (path / "latest.pt").exists() else None
+        if latest is not None and not {"phase", "step", "logs", "wall_s", "rng"} <= latest.keys():
+            raise UsageError(f"--resume: {path / 'latest.pt'} is not a resumable state of this project")
+        return cls(path, config, latest, resumed=True)
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "final.pt").exists()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def log(self, name: str, columns, echo: bool = False) -> CsvLog:
+        """Open <name>.csv, continuing after the rows latest.pt counted when resuming."""
+        keep = None if not self.resumed else self.latest["logs"].get(name, 0) if self.latest else 0
+        self.logs[name] = CsvLog(self.path / f"{name}.csv", columns, keep, ECHOED if echo else (), self.tracker)
+        return self.logs[name]
+
+    def describe_actor(self, class_name: str, **kwargs) -> None:
+        """How to rebuild the policy (the script's class and its arguments): stored in every checkpoint."""
+        self.actor_description = {"class": class_name, "kwargs": kwargs}
+
+    def meta(self) -> dict:
+        return {"method": self.config["method"], "config": self.config, "actor": self.actor_description}
+
+    def wall_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def speed(self, updates: int, env_steps: int) -> dict:
+        """updates/s and env steps/s since the previous call (empty where nothing happened), and wall_s."""
+        now, last_updates, last_steps = time.monotonic(), self.clock[1], self.clock[2]
+        elapsed = max(now - self.clock[0], 1e-9)
+        self.clock = (now, updates, env_steps)
+        return {"updates_per_s": (updates - last_updates) / elapsed if updates > last_updates else "",
+                "env_steps_per_s": (env_steps - last_steps) / elapsed if env_steps > last_steps else "",
+                "wall_s": self.wall_s()}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def checkpoint_due(self, step: int, safe: bool = True) -> bool:
+        """True at a stop signal, or (when safe) every checkpoint_every steps / checkpoint_minutes minutes."""
+        if stop_requested:
+            return True
+        last_step, last_time = self.last_checkpoint
+        return safe and (step - last_step >= self.config["checkpoint_every"]
+                         or time.monotonic() - last_time >= 60 * self.config["checkpoint_minutes"])
+
+    def save_latest(self, state: dict, rng: np.random.Generator, env=None) -> None:
+        """Write latest.pt (state + every random stream + log lengths); raise Preempted if a stop signal came."""
+        state = {**state, "rng": rng_states(rng, env), "wall_s": self.wall_s(),
+                 "logs": {name: log.rows for name, log in self.logs.items()}}
+        save_torch(self.path / "latest.pt", state)
+        self.last_checkpoint = (state["step"], time.monotonic())
+        if stop_requested:
+            raise Preempted(stop_requested[0])
+
+    def restore_rng(self, rng: np.random.Generator, env=None, state: dict | None = None) -> None:
+        """Continue the random streams saved in latest.pt (or in state, e.g. a pre-trained offline.pt)."""
+        set_rng_states((state or self.latest)["rng"], rng, env)
+
+    def save_offline(self, agent: dict, num_updates: int, rng: np.random.Generator) -> None:
+        """offline.pt: the pre-trained agent, the run's configuration, and the random streams at this point,
+        so a run fine-tuning it with --load-offline continues exactly as this process would."""
+        save_torch(self.path / "offline.pt", {"agent": agent, "meta": self.meta(), "num_updates": num_updates,
+                                              "rng": rng_states(rng)})
+
+    def finish(self, agent: dict, actor: dict) -> None:
+        """final.pt (the whole agent) and actor.pt (the policy alone), then latest.pt is no longer needed."""
+        save_torch(self.path / "final.pt", {"agent": agent, "meta": self.meta()})
+        save_torch(self.path / "actor.pt", {"actor": actor, "meta": self.meta()})
+        (self.path / "latest.pt").unlink(missing_ok=True)
+        with open(self.path / "progress.csv", newline="") as f:
+            scores = [float(row["normalized_score"]) for row in csv.DictReader(f) if row["normalized_score"]]
+        print(f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, wall time {self.wall_s():.0f} s, "
+              f"run folder {self.path}")
+
+    def close(self) -> None:
+        for log in self.logs.values():
+            log.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class RunningMeans:
+    """Means of a step's metrics since the last pop(), summed on the device: no host sync per step."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = value.detach() + self.sums[key] if key in self.sums else value.detach().clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict:
+        means = {key: float(total) / self.counts[key] for key, total in self.sums.items()}  # one sync per row
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def load_pretrained(args, method: str, network_keys) -> dict:
+    """--load-offline (a run folder or its offline.pt): the pre-trained agent, with the dataset and network
+    settings of its run copied into args. A flag left at its default takes the pre-training run's value; a
+    flag set to something else is a conflict."""
+    path = Path(args.load_offline)
+    path = path / "offline.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--load-offline: no offline.pt at {args.load_offline}")
+    checkpoint = load_torch(path, "--load-offline")
+    meta = checkpoint.get("meta")
+    if not isinstance(meta, dict) or meta.get("method") != method or not isinstance(meta.get("config"), dict):
+        found = meta.get("method") if isinstance(meta, dict) else None
+        raise UsageError(f"--load-offline: {path} is not an offline.pt of {method} (written by {found or 'unknown'})")
+    source, defaults = meta["config"], {f.name: f.default for f in dataclasses.fields(args)}
+    for key in DATASET_KEYS + list(network_keys) + ["offline_steps"]:
+        if key not in source:
+            raise UsageError(f"--load-offline: {path} does not record {key!r}")
+        value = getattr(args, key)
+        if value == defaults[key]:
+            setattr(args, key, source[key])
+        elif value != source[key]:
+            raise UsageError(f"--load-offline: {path} was pre-trained with --{key.replace('_', '-')} {source[key]}, "
+                             f"this run asks for {value}; leave the flag out to use the pre-training value")
+    return {"agent": checkpoint["agent"], "num_updates": checkpoint["num_updates"], "rng": checkpoint["rng"],
+            "path": str(path)}
+
+
+DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps", "ref_min_score", "ref_max_score"]
+
+
+def lock(path: Path) -> None:
+    """One writer per run folder: an exclusive flock on <run>/.lock, held until this process exits
+    (the kernel drops it when the process dies, so a killed run never blocks a later --resume)."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(f"{path} is in use by {holder}; wait for it to finish or stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    LOCKS.append(fd)  # kept open (and locked) for the life of the process
+
+
+LOCKS: list[int] = []
+
+
+def check_output_dir(output_dir) -> None:
+    """The output folder exists or can be made, and accepts files: checked before the dataset is loaded."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = private_tmp(path / "probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({e.strerror or type(e).__name__})") from None
+
+
+def check_memory(nbytes: int, device: torch.device, what: str) -> None:
+    """Fail before any work when the buffers and networks cannot fit in the device's free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+        except (OSError, StopIteration, ValueError):
+            return  # not Linux: let the allocation decide
+    if nbytes > free:
+        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but {device} has {free / 2 ** 30:.1f} GiB free")
+
+
+# ---------------------------------------------------------------------------------------
+# Random streams, versions
+# ---------------------------------------------------------------------------------------
+def rng_states(rng: np.random.Generator, env=None) -> dict:
+    """Every random stream a run draws from, so a resumed run continues it exactly."""
+    return {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "env": None if env is None else env.unwrapped.np_random.bit_generator.state}
+
+
+def set_rng_states(states: dict, rng: np.random.Generator, env=None) -> None:
+    random.setstate(states["python"])
+    rng.bit_generator.state = states["numpy"]
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    if env is not None and states["env"] is not None:
+        env.unwrapped.np_random.bit_generator.state = states["env"]
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for package in ("gymnasium", "minari", "mujoco"):
+        with contextlib.suppress(Exception):
+            found[package] = __import__(package).__version__
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran, with '-dirty' if it had uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
