@@ -10,14 +10,14 @@ for Stable Offline-to-Online Reinforcement Learning" (arXiv:2210.13846).
    The actor maximizes the ensemble mean Qbar, normalized as in TD3+BC, plus behavior cloning (Eq. 1, 4):
        L(pi) = -mean(Qbar(s, pi(s))) / mean(|Qbar(s, pi(s))|) + alpha * mean((pi(s) - a)^2)
 2. The switch: keep a random 5% of the offline transitions in a FIFO buffer, drop the rest.
-3. Fine-tuning (T environment steps, G gradient steps each). After every training episode a PD
-   controller moves alpha_online from the D4RL-normalized return R (a fraction, 1 = expert) (Eq. 2):
+3. Fine-tuning (T environment steps, G gradient steps each). After every training episode a PD controller
+   moves alpha_online from the D4RL-normalized return R (a fraction, 1 = expert) (Eq. 2; the increment is
+   scaled by the episode's length as in the authors' code, see README):
        delta = K_P * (R_current - R_target) + K_D * max(0, R_last - R_current)
        alpha_online <- clip(alpha_online + delta * episode_length, 0, alpha_online_max)
-   The increment is scaled by the episode's length as in the authors' code (README).
 
 Algorithm 1, line by line:
-    initialize agent, targets, buffer with the dataset  Agent, fill_buffer
+    initialize agent, targets, buffer with the dataset                                 Agent, main
     for k = 0..K: sample, critics (Eq. 3), actor (Eq. 4, alpha_offline), targets       pretrain -> Agent.update
     remove 95% of the offline samples                                                   switch_to_online -> downsample
     for every episode: act with noise, store, G x (critics, actor, targets)             finetune -> Agent.update
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import sys
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple, Optional
@@ -42,27 +41,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from plumbing.cli import RunArgs, TrainingDiverged, UsageError, check_ranges, progress_bar, run_main
-from plumbing.datasets import (dataset_env_name, dataset_name_of, check_transitions, load_dataset, make_envs,
-                               reference_scores, resolve_dataset_id)
-from plumbing.run_folder import (PROGRESS_COLUMNS, RunFolder, RunningMeans, check_memory, check_output_dir,
-                                 load_pretrained)
+from plumbing.cli import (RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main,
+                          seed_everything)
+from plumbing.compile import compile_step
+from plumbing.datasets import check_transitions, open_task
+from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, check_memory, load_pretrained, open_run
 
 METHOD = "redq_adaptive_bc"
 
 
 @dataclass
 class Args(RunArgs):
-    # Schedule
     offline_steps: int = 1_000_000
     """K, offline gradient steps (paper: 1M)"""
     online_steps: int = 250_000
-    """T, online environment steps (paper: 250k)"""
-    eval_every: int = 5_000
-    """evaluate every this many gradient steps offline / environment steps online (paper: 5000)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (paper: 10)"""
-    # Table 1: TD3
+    """T, online environment steps (paper: 250k; 0 = pre-train only)"""
     learning_rate: float = 3e-4
     """Adam learning rate of actor and critics (Table 1: 3e-4)"""
     batch_size: int = 256
@@ -87,7 +80,6 @@ class Args(RunArgs):
     """hidden activation (Table 1: ReLU)"""
     critic_init: Literal["authors", "pytorch"] = "authors"
     """critic weights: truncated normal, std 1/(2 sqrt(fan_in)), zero biases (authors' code), or nn.Linear's"""
-    # Table 1: REDQ
     num_critics: int = 10
     """N, critics in the ensemble (Table 1: 10)"""
     num_min_critics: int = 2
@@ -100,7 +92,6 @@ class Args(RunArgs):
     """average the N critics' squared errors (authors' code) or sum them (equal under Adam up to eps)"""
     delay_target_updates: Optional[bool] = None
     """update targets only on actor steps (None: every step as in Algorithm 1; --authors-code: True)"""
-    # Table 1: behavior cloning and Eq. 2
     alpha_offline: Optional[float] = None
     """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
     alpha_online: Optional[float] = None
@@ -123,7 +114,6 @@ class Args(RunArgs):
     """s in R_last <- s R_current + (1 - s) R_last, with --r-last moving-average (authors' code: 0.05)"""
     r_last_start: Literal["one-episode", "mean"] = "one-episode"
     """R_last at the switch: one evaluation episode (authors' code) or the mean of --eval-episodes"""
-    # The switch
     keep_ratio: float = 0.05
     """fraction of the offline data kept for fine-tuning (paper: 0.05)"""
     keep_min: Optional[int] = None
@@ -134,46 +124,35 @@ class Args(RunArgs):
     """FIFO replay capacity online (None: online-steps, enlarged to hold the kept data if needed)"""
     authors_code: bool = False
     """the authors' configuration (zhaoyi11/adaptive_bc) wherever it differs from the paper (README table)"""
-    load_offline: Optional[str] = None
-    """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     compile: bool = False
     """torch.compile the gradient step (CUDA: also CUDA graphs); same results, faster on GPU (docs/speed.md)"""
 
 
-PAPER = dict(utd=20, kd=8e-5, target_return=1.0, r_last="previous", keep_min=0, keep_with_replacement=False,
-             delay_target_updates=False)
-AUTHORS_CODE = dict(utd=10, kd=1e-4, target_return=1.05, r_last="moving-average", keep_min=50_000,
-                    keep_with_replacement=True, delay_target_updates=True)  # main.py, redq_bc.py, utils.py
+# (the paper's value, the authors' code's value) of the flags where they differ: main.py, redq_bc.py, utils.py
+PAPER_VS_AUTHORS = dict(utd=(20, 10), kd=(8e-5, 1e-4), target_return=(1.0, 1.05), r_last=("previous", "moving-average"),
+                        keep_min=(0, 50_000), keep_with_replacement=(False, True), delay_target_updates=(False, True))
 
 
 def check_args(args: Args) -> None:
     """Fill the paper's (or, with --authors-code, the authors') defaults, then reject bad values."""
-    for name, value in (AUTHORS_CODE if args.authors_code else PAPER).items():
+    for name, (paper, authors) in PAPER_VS_AUTHORS.items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.authors_code:
-        args.critic_loss_reduction, args.critic_init, args.r_last_start = "mean", "authors", "one-episode"
-    check_ranges(args, positive=["offline_steps", "online_steps", "eval_every", "eval_episodes", "batch_size",
-                                 "policy_freq", "hidden_layers", "hidden_dim", "num_critics", "num_min_critics",
-                                 "utd", "learning_rate", "buffer_size"],
-                 non_negative=["policy_noise", "noise_clip", "exploration_noise", "kp", "kd", "keep_min",
-                               "alpha_offline", "alpha_online", "alpha_online_max"],
+            setattr(args, name, authors if args.authors_code else paper)
+    check_ranges(args, positive=["offline_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim",
+                                 "num_critics", "num_min_critics", "utd", "learning_rate", "buffer_size"],
+                 non_negative=["online_steps", "policy_noise", "noise_clip", "exploration_noise", "kp", "kd",
+                               "keep_min", "alpha_offline", "alpha_online", "alpha_online_max"],
                  fraction=["keep_ratio", "r_last_smoothing", "tau"], finite=["target_return", "gamma"])
     if args.num_min_critics > args.num_critics:
-        raise UsageError(f"--num-min-critics (M={args.num_min_critics}) must be at most --num-critics (N={args.num_critics})")
+        raise UsageError(f"--num-min-critics M={args.num_min_critics} exceeds --num-critics N={args.num_critics}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.target_return <= 2:
         raise UsageError(f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
                          f"got {args.gamma} and {args.target_return}")
-    if args.resume is None:
-        check_output_dir(args.output_dir)
-    width = args.hidden_dim * (args.hidden_dim * (args.hidden_layers - 1) + 400)  # weights of one network, roughly
-    check_memory(4 * 4 * (args.num_critics + 1) * width + 4 * 40 * max(args.online_steps, args.buffer_size or 0),
-                 torch.device("cpu"), "the networks and the online buffer")
+    weights = (args.num_critics + 1) * args.hidden_dim * (args.hidden_dim * args.hidden_layers + 400)  # roughly
+    check_memory(4 * (4 * weights + 40 * max(args.online_steps, args.buffer_size or 0)), "the networks and buffer")
 
 
-# ---------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------
+# ---- Networks -----------------------------------------------------------------------------------------------
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 
 
@@ -228,9 +207,7 @@ class CriticEnsemble(nn.Module):
         return x.squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------
-# Replay buffer and the switch's downsampling
-# ---------------------------------------------------------------------------------------
+# ---- Replay buffer and the switch's downsampling ------------------------------------------------------------
 class Batch(NamedTuple):
     obs: torch.Tensor
     actions: torch.Tensor
@@ -260,9 +237,6 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return Batch(*(field[idx] for field in self.data))
 
-    def __len__(self):
-        return self.size
-
     def state_dict(self):
         return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
 
@@ -279,19 +253,17 @@ def num_kept(dataset_size, keep_ratio, keep_min):
 
 def downsample(buffer: ReplayBuffer, capacity, keep_ratio, keep_min, with_replacement, generator) -> ReplayBuffer:
     """The switch: a new FIFO buffer holding a uniform random subset of the offline data."""
-    k = num_kept(len(buffer), keep_ratio, keep_min)
+    k = num_kept(buffer.size, keep_ratio, keep_min)
     if with_replacement:  # utils.py:71, np.random.randint
-        keep = torch.randint(0, len(buffer), (k,), generator=generator)
+        keep = torch.randint(0, buffer.size, (k,), generator=generator)
     else:
-        keep = torch.randperm(len(buffer), generator=generator)[:k]
+        keep = torch.randperm(buffer.size, generator=generator)[:k]
     online = ReplayBuffer(capacity, buffer.data.obs.shape[1], buffer.data.actions.shape[1], buffer.device)
     online.add(*(field[keep.to(buffer.device)] for field in buffer.data))
     return online
 
 
-# ---------------------------------------------------------------------------------------
-# The gradient step: target (Eq. 3), critic loss (Eq. 3), actor loss (Eq. 1 and 4), targets
-# ---------------------------------------------------------------------------------------
+# ---- The gradient step: target (Eq. 3), critic loss (Eq. 3), actor loss (Eq. 1 and 4), targets --------------
 @torch.no_grad()
 def td_target(batch: Batch, actor_target, critic_target, critic_idx, gamma, policy_noise, noise_clip):
     """y = r + gamma (1 - terminal) min_{i in M} Q'_i(s', a'), with a' the smoothed target action."""
@@ -307,8 +279,7 @@ def critic_loss(critic, batch: Batch, y, reduction="mean"):
     """Eq. 3: every critic regresses to the same y. Returns (loss, mean Q)."""
     q = critic(batch.obs, batch.actions)  # (N, B)
     per_critic = ((q - y) ** 2).mean(dim=1)
-    loss = per_critic.sum() if reduction == "sum" else per_critic.mean()
-    return loss, q.detach().mean()
+    return (per_critic.sum() if reduction == "sum" else per_critic.mean()), q.detach().mean()
 
 
 def actor_loss(actor, critic, batch: Batch, alpha):
@@ -338,14 +309,13 @@ class Agent:
         optim = dict(capturable=True) if args.compile and device.type == "cuda" else dict(fused=True)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, **optim)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, **optim)
-        self.args, self.device, self.num_updates, self.cuda_graphs = args, device, 0, False
-        self.num_min_critics = args.num_min_critics  # M; pretrain() may set Table 1's pair (min_over_all_offline)
+        self.args, self.device, self.num_updates = args, device, 0
 
-    def critic_step(self, batch: Batch):
+    def critic_step(self, batch: Batch, num_min_critics):
         """Eq. 3 for all N critics, with a fresh random subset of M critics for the target (REDQ)."""
         a, critic_idx = self.args, None  # None: M = N, the min over all critics
-        if self.num_min_critics < a.num_critics:
-            critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[: self.num_min_critics]
+        if num_min_critics < a.num_critics:
+            critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[:num_min_critics]
         y = td_target(batch, self.actor_target, self.critic_target, critic_idx, a.gamma, a.policy_noise, a.noise_clip)
         loss, q_mean = critic_loss(self.critic, batch, y, a.critic_loss_reduction)
         self.critic_optim.zero_grad(set_to_none=True)
@@ -367,26 +337,16 @@ class Agent:
         soft_update(self.critic_target, self.critic, self.args.tau)
         soft_update(self.actor_target, self.actor, self.args.tau)
 
-    def update(self, batch: Batch, alpha) -> dict:
+    def update(self, batch: Batch, alpha, num_min_critics) -> dict:
         """One gradient step. No host-device synchronization: the metrics stay tensors."""
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         self.num_updates += 1
         update_actor = self.num_updates % self.args.policy_freq == 0
-        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch)))
+        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch, num_min_critics)))
         if update_actor:
             metrics["actor_loss"] = self.actor_step(batch, alpha)
         if update_actor or not self.args.delay_target_updates:
             self.target_step()
-        # A CUDA graph's outputs are overwritten by its next replay: keep copies.
-        return {k: v.clone() for k, v in metrics.items()} if self.cuda_graphs else metrics
-
-    def compile(self):
-        """--compile: torch.compile each part of the step (on CUDA also captured as CUDA graphs)."""
-        self.cuda_graphs = self.device.type == "cuda"
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        for name in ("critic_step", "actor_step", "target_step"):
-            setattr(self, name, torch.compile(getattr(self, name), mode=mode))
+        return metrics
 
     def state_dict(self):
         return {name: getattr(self, name).state_dict() for name in
@@ -397,19 +357,11 @@ class Agent:
             getattr(self, name).load_state_dict(value)
 
 
-# ---------------------------------------------------------------------------------------
-# Adaptive behavior cloning: the PD controller of Eq. 2
-# ---------------------------------------------------------------------------------------
-class Eq2(NamedTuple):
-    alpha: float  # alpha_online after the update
-    R_last: float  # R_last for the next episode
-    p_term: float  # K_P * (R - R_target), before the episode-length scaling
-    d_term: float  # K_D * max(0, R_last - R_current)
-
-
+# ---- Adaptive behavior cloning: the PD controller of Eq. 2 --------------------------------------------------
 def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, episode_length=1,
-                moving_average=None) -> Eq2:
-    """One application of Eq. 2 at the end of a training episode; R values are normalized returns.
+                moving_average=None):
+    """Eq. 2 at the end of a training episode (R: normalized returns). Returns (alpha_online, the next R_last,
+    P term, D term), the terms before the episode-length scaling.
 
     moving_average=None is the paper: the P term on R_current, then R_last <- R_current.
     moving_average=s is the authors' code (main.py:221-227): the P term on the old R_last, then
@@ -419,42 +371,27 @@ def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, e
     d_term = kd * max(0.0, R_last - R_current)
     alpha = min(max(alpha + (p_term + d_term) * episode_length, 0.0), alpha_max)
     R_next = R_current if moving_average is None else moving_average * R_current + (1 - moving_average) * R_last
-    return Eq2(alpha, R_next, p_term, d_term)
+    return alpha, R_next, p_term, d_term
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------
+# ---- Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor, env, num_episodes, device, seed) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy pi(s); every evaluation starts from the same seed."""
+def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **extra) -> np.ndarray:
+    """Undiscounted returns of the deterministic policy pi(s) in --eval-episodes episodes, each evaluation from
+    the same seed, written as a progress.csv row with the losses averaged since the previous row."""
     returns = []
-    for episode in range(num_episodes):
-        obs, _ = env.reset(seed=seed if episode == 0 else None)
+    for episode in range(args.eval_episodes):
+        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
         done, episode_return = False, 0.0
         while not done:
-            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(action)
+            action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
+            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    return np.array(returns)
-
-
-def normalized(episode_return, ref):
-    """D4RL normalization as a fraction: 0 = random policy, 1 = expert."""
-    return (episode_return - ref[0]) / (ref[1] - ref[0])
-
-
-def evaluate_and_log(run, agent, eval_env, ref, args, phase, step, alpha, means, env_steps=0, **extra):
-    """Evaluate pi, write a progress.csv row, stop if a loss went NaN. Returns the returns."""
-    returns = evaluate(agent.actor, eval_env, args.eval_episodes, agent.device, seed=args.seed + 100)
-    score, losses = 100 * normalized(returns, ref), means.pop()
-    run.logs["progress"].write(dict(phase=phase, step=step, normalized_score=score.mean(),
-                                    normalized_score_std=score.std(), return_mean=returns.mean(), alpha=alpha,
-                                    **losses, **run.speed(agent.num_updates, env_steps), **extra))
-    if not all(math.isfinite(v) for v in losses.values()):
-        raise TrainingDiverged(f"a loss became non-finite ({losses}) at {phase} step {step}")
+    returns = np.array(returns)
+    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
+                       alpha=alpha, **extra)
     return returns
 
 
@@ -462,9 +399,7 @@ COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return"]
 EPISODE_COLUMNS = ["step", "length", "return", "R_current", "R_last", "p_term", "d_term", "alpha"]
 
 
-# ---------------------------------------------------------------------------------------
-# The three phases of Algorithm 1
-# ---------------------------------------------------------------------------------------
+# ---- The three phases of Algorithm 1 ------------------------------------------------------------------------
 def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     """Minari episodes (T+1 observations, T actions) as transitions. next_obs stays within its episode,
     and only terminations end bootstrapping: a time-limit truncation does not."""
@@ -476,48 +411,48 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def pretrain(agent, buffer, args, run, eval_env, ref, rng, start=0):
+def pretrain(agent, buffer, args, run, task, rng, start=0):
     """Algorithm 1, lines 4-9: K gradient steps of TD3+BC with the REDQ ensemble, alpha = alpha_offline."""
-    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans()
-    if args.num_min_critics == args.num_critics and not args.min_over_all_offline:
-        agent.num_min_critics = min(2, args.num_critics)  # redq_bc.py:141: min over all only when fine-tuning
+    alpha, means, M = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans(), args.num_min_critics
+    if M == args.num_critics and not args.min_over_all_offline:
+        M = min(2, M)  # redq_bc.py:141: the min over all critics only when fine-tuning, a random pair before
     if start == 0:
-        evaluate_and_log(run, agent, eval_env, ref, args, "offline", 0, args.alpha_offline, means)
+        evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
         for step in range(start + 1, args.offline_steps + 1):
-            means.add(agent.update(buffer.sample(args.batch_size), alpha))
+            means.add(agent.update(buffer.sample(args.batch_size), alpha, M))
             if step % args.eval_every == 0 or step == args.offline_steps:
-                evaluate_and_log(run, agent, eval_env, ref, args, "offline", step, args.alpha_offline, means)
+                evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
             if step < args.offline_steps and run.checkpoint_due(step):
                 run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
                                      num_updates=agent.num_updates), rng)
             bar.update()
-    agent.num_min_critics = args.num_min_critics
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
-def switch_to_online(agent, buffer, args, run, eval_env, ref, rng, env):
+def switch_to_online(agent, buffer, args, run, task, rng):
     """Algorithm 1, lines 10-12: keep a random subset of the offline data, evaluate the pre-trained agent."""
-    generator = torch.Generator().manual_seed(args.seed)
     buffer = downsample(buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement,
-                        generator)
-    note = " (all of it: the dataset is smaller than the floor)" if len(buffer) == run.config["dataset_transitions"] else ""
-    print(f"switch to online: kept {len(buffer)} offline transitions{note}, FIFO capacity {buffer.capacity}",
+                        torch.Generator().manual_seed(args.seed))
+    total = run.config["dataset_transitions"]
+    print(f"switch to online: kept {buffer.size} of {total} offline transitions"
+          + (" (all of them: --keep-min is not below the dataset's size)" if buffer.size >= total else ""),
           file=sys.stderr)
-    returns = evaluate_and_log(run, agent, eval_env, ref, args, "online", 0, args.alpha_online, RunningMeans())
-    R_last = normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean(), ref)  # main.py:181
+    returns = evaluate(run, agent, task, args, "online", 0, args.alpha_online, RunningMeans())
+    R_last = task.normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean())  # main.py:181
     state = dict(phase="online", step=0, alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)
     run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
-                         buffer=buffer.state_dict()), rng, env)
+                         buffer=buffer.state_dict()), rng, task.env)
     return buffer, state
 
 
-def finetune(agent, buffer, args, run, env, eval_env, ref, rng, state):
+def finetune(agent, buffer, args, run, task, rng, state):
     """Algorithm 1, lines 13-25: G gradient steps per environment step, alpha_online from Eq. 2 per episode."""
     alpha_online, R_last, R_current = state["alpha_online"], state["R_last"], state["R_current"]
     alpha, means = torch.tensor(alpha_online, device=agent.device), RunningMeans()
-    low, high = env.action_space.low, env.action_space.high
+    env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
+    moving_average = args.r_last_smoothing if args.r_last == "moving-average" else None  # main.py:227
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
@@ -528,25 +463,23 @@ def finetune(agent, buffer, args, run, env, eval_env, ref, rng, state):
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
             obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
-
             for _ in range(args.utd):
-                means.add(agent.update(buffer.sample(args.batch_size), alpha))
-
-            if terminated or truncated:  # Eq. 2
-                R_current = normalized(episode_return, ref)
-                eq2 = adapt_alpha(alpha_online, R_current, R_last, kp=args.kp, kd=args.kd,
-                                  target_return=args.target_return, alpha_max=args.alpha_online_max,
-                                  episode_length=episode_length if args.scale_by_episode_length else 1,
-                                  moving_average=args.r_last_smoothing if args.r_last == "moving-average" else None)
-                run.logs["episodes"].write(dict(step=step, length=episode_length, **{"return": episode_return},
-                                                R_current=R_current, R_last=R_last, p_term=eq2.p_term,
-                                                d_term=eq2.d_term, alpha=eq2.alpha if args.adaptive_bc else alpha_online))
+                means.add(agent.update(buffer.sample(args.batch_size), alpha, args.num_min_critics))
+            if terminated or truncated:  # Eq. 2, logged with its inputs so that a row can be checked by hand
+                R_current = task.normalized(episode_return)
+                new_alpha, new_R_last, p_term, d_term = adapt_alpha(
+                    alpha_online, R_current, R_last, kp=args.kp, kd=args.kd, target_return=args.target_return,
+                    alpha_max=args.alpha_online_max, moving_average=moving_average,
+                    episode_length=episode_length if args.scale_by_episode_length else 1)
+                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
+                                            "R_current": R_current, "R_last": R_last, "p_term": p_term,
+                                            "d_term": d_term, "alpha": new_alpha if args.adaptive_bc else alpha_online})
                 if args.adaptive_bc:
-                    alpha_online, R_last = eq2.alpha, eq2.R_last
+                    alpha_online, R_last = new_alpha, new_R_last
                     alpha.fill_(alpha_online)
 
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate_and_log(run, agent, eval_env, ref, args, "online", step, alpha_online, means, env_steps=step,
+                evaluate(run, agent, task, args, "online", step, alpha_online, means, env_steps=step,
                                  episode_normalized_return="" if R_current is None else 100 * R_current)
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
@@ -559,79 +492,57 @@ def finetune(agent, buffer, args, run, env, eval_env, ref, rng, state):
             bar.update()
 
 
-# ---------------------------------------------------------------------------------------
-# Main: load the data, open the run folder, run the phases (resuming where latest.pt left off)
-# ---------------------------------------------------------------------------------------
+# ---- Main: load the data, open the run folder, run the phases (resuming where latest.pt left off) -----------
 NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "num_critics", "critic_init", "alpha_offline"]
 
 
 def main(args: Args):
     pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
-    dataset_id = resolve_dataset_id(args.env, args.dataset, args.dataset_id, args.random_dataset_steps)
-    dataset = load_dataset(dataset_id)
-    env, eval_env = make_envs(dataset, dataset_id, args.env)
-    env_name, dataset_name = dataset_env_name(dataset, dataset_id, args.env), dataset_name_of(dataset_id)
-    ref_min, ref_max, ref_source = reference_scores(dataset, env_name, args.ref_min_score, args.ref_max_score)
-    data = flatten_episodes(dataset)
-    check_transitions(data, dataset_id, env.action_space)
+    task = open_task(args)
+    data = flatten_episodes(task.dataset)
+    check_transitions(data, task.dataset_id, task.env.action_space)
     if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
-        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.startswith("random") else 0.4
+        args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
     if args.alpha_online is None:
         args.alpha_online = min(args.alpha_offline, args.alpha_online_max)
     kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)
     args.buffer_size = args.buffer_size or max(args.online_steps, kept)
     if args.buffer_size < kept:
-        raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept at the switch")
-    print(f"{dataset_id}: {len(data['rewards'])} transitions; {env.spec.id}; reference scores "
-          f"{ref_min:.6g} / {ref_max:.6g} from {ref_source}", file=sys.stderr)
+        raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
+    run = open_run(args, METHOD, task, dataset_transitions=len(data["rewards"]), offline_kept=kept,
+                   pretrained_from=pretrained and pretrained["path"])
 
-    if args.resume:
-        run = RunFolder.reopen(args.resume)
-        if run.finished:
-            return print(f"{run.path} has finished already (final.pt): nothing to resume")
-    else:
-        run = RunFolder.create(args.output_dir, f"{env_name}-{dataset_name}__{METHOD}__{args.seed}", {
-            "method": METHOD, **asdict(args), "dataset_id": dataset_id, "env_id": env.spec.id, "env_name": env_name,
-            "dataset_name": dataset_name, "ref_min_score": ref_min, "ref_max_score": ref_max, "ref_source": ref_source,
-            "dataset_transitions": len(data["rewards"]), "offline_kept": kept,
-            "pretrained_from": pretrained and pretrained["path"]})
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = Agent(obs_dim, act_dim, env.action_space.low, env.action_space.high, args, device)
+    device, rng = pick_device(args.device), seed_everything(args.seed)
+    space = task.env.action_space
+    agent = Agent(data["obs"].shape[1], space.shape[0], space.low, space.high, args, device)
     if args.compile:
-        agent.compile()
-    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=act_dim, action_low=env.action_space.low.tolist(),
-                       action_high=env.action_space.high.tolist(), hidden_dim=args.hidden_dim,
-                       hidden_layers=args.hidden_layers, activation=args.activation)
+        compile_step(agent)
+    run.describe_actor("Actor", obs_dim=data["obs"].shape[1], act_dim=space.shape[0], action_low=space.low.tolist(),
+                       action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
-    ref, latest = (ref_min, ref_max), run.latest
-    if latest is not None:
-        agent.load_state_dict(latest["agent"])
-        agent.num_updates = latest["num_updates"]
-        run.restore_rng(rng, env)
-    elif pretrained is not None:
-        agent.load_state_dict(pretrained["agent"])
-        agent.num_updates = pretrained["num_updates"]
-        run.restore_rng(rng, state=pretrained)  # fine-tuning starts as it would in the pre-training process
+    # --resume continues where latest.pt left off; --load-offline as the pre-training process would have
+    latest, start = run.latest, run.latest or pretrained
+    if start is not None:
+        agent.load_state_dict(start["agent"])
+        agent.num_updates = start["num_updates"]
+        run.restore_rng(rng, task.env, state=start)
 
     with run:
         if latest is None or latest["phase"] == "offline":
-            buffer = ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)
-            buffer.add(*(data[k] for k in ("obs", "actions", "rewards", "next_obs", "terminals")))
+            buffer = ReplayBuffer(len(data["rewards"]), data["obs"].shape[1], space.shape[0], device)
+            buffer.add(**data)
             if pretrained is None:
-                pretrain(agent, buffer, args, run, eval_env, ref, rng, start=latest["step"] if latest else 0)
-            buffer, state = switch_to_online(agent, buffer, args, run, eval_env, ref, rng, env)
+                pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
+            if args.online_steps > 0:
+                buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
         else:
-            buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
+            buffer = ReplayBuffer(args.buffer_size, data["obs"].shape[1], space.shape[0], device)
             buffer.load_state_dict(latest["buffer"])
             state = latest
         del data  # the buffer holds the only copy
-        finetune(agent, buffer, args, run, env, eval_env, ref, rng, state)
+        if args.online_steps > 0:
+            finetune(agent, buffer, args, run, task, rng, state)
         run.finish(agent.state_dict(), agent.actor.state_dict())
 
 

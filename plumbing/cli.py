@@ -27,6 +27,10 @@ class TrainingDiverged(Exception):
     """A loss became non-finite: exit status 1, rows and checkpoints written before are kept."""
 
 
+class RunFinished(Exception):
+    """--resume of a run that has final.pt: nothing to do, exit status 0."""
+
+
 class Preempted(Exception):
     """SIGTERM or SIGUSR1 arrived and a resumable latest.pt was written: exit status 128 + signal."""
 
@@ -52,6 +56,12 @@ class RunArgs:
     """torch device; auto picks cuda when available"""
     output_dir: str = "runs"
     """runs are written to <output-dir>/<env>-<dataset>__<method>__<seed>__<unix time>/"""
+    eval_every: int = 5_000
+    """evaluate every this many gradient steps offline / environment steps online (paper: 5000)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (paper: 10)"""
+    load_offline: Optional[str] = None
+    """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     random_dataset_steps: int = 1_000_000
     """size of the locally built random dataset (D4RL: 1M; other sizes get the id local/<env>/random-<n>steps-v0)"""
     ref_min_score: Optional[float] = None
@@ -157,7 +167,8 @@ def check_ranges(args, positive=(), non_negative=(), fraction=(), finite=()) -> 
 
 def check_run_args(args) -> None:
     """The checks of RunArgs's flags."""
-    check_ranges(args, positive=["random_dataset_steps", "checkpoint_every", "checkpoint_minutes"],
+    check_ranges(args, positive=["eval_every", "eval_episodes", "random_dataset_steps", "checkpoint_every",
+                                 "checkpoint_minutes"],
                  finite=["ref_min_score", "ref_max_score"])
     if not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
@@ -166,6 +177,10 @@ def check_run_args(args) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.resume is None:
+        from plumbing.run_folder import check_output_dir
+
+        check_output_dir(args.output_dir)
     if args.track:
         from plumbing.tracking import check_tracking
 
@@ -195,6 +210,8 @@ def run_main(main, Args, method: str, check, description: str = "") -> None:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFinished as e:
+        print(f"{e} has finished already (final.pt): nothing to resume", file=sys.stderr)
     except TrainingDiverged as e:
         print(f"error: {e}; stopped. progress.csv and the checkpoints written before are kept.", file=sys.stderr)
         sys.exit(1)
@@ -204,6 +221,25 @@ def run_main(main, Args, method: str, check, description: str = "") -> None:
     except KeyboardInterrupt:
         print("interrupted: progress.csv and the checkpoints written so far are kept.", file=sys.stderr)
         sys.exit(130)
+
+
+def pick_device(name: str):
+    """--device auto: cuda when available."""
+    import torch
+
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def seed_everything(seed: int):
+    """Seed Python's, NumPy's and torch's global streams; returns the NumPy generator the script draws from."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
 
 
 def progress_bar(total, initial=0, **kwargs):

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -284,6 +285,34 @@ def choose_reference_scores(env_name, flag_min, flag_max, meta_min=None, meta_ma
     if not high > low:
         raise UsageError(f"reference scores must satisfy min < max, got {low} and {high}")
     return low, high, low_source if low_source == high_source else f"{low_source} (min), {high_source} (max)"
+
+
+class Task(NamedTuple):
+    """What a run trains on: the dataset, its environments, and the reference scores of D4RL normalization."""
+    dataset_id: str
+    dataset: object  # minari.MinariDataset
+    env: gym.Env
+    eval_env: gym.Env
+    env_name: str  # 'hopper'
+    dataset_name: str  # 'medium'
+    ref: tuple  # (return normalized to 0, return normalized to 1)
+    ref_source: str
+
+    def normalized(self, episode_return):
+        """D4RL normalization as a fraction: 0 = random policy, 1 = expert."""
+        return (episode_return - self.ref[0]) / (self.ref[1] - self.ref[0])
+
+
+def open_task(args) -> Task:
+    """The dataset of --env/--dataset (or --dataset-id), loaded or obtained, its environments and reference scores."""
+    dataset_id = resolve_dataset_id(args.env, args.dataset, args.dataset_id, args.random_dataset_steps)
+    dataset = load_dataset(dataset_id)
+    env, eval_env = make_envs(dataset, dataset_id, args.env)
+    env_name = dataset_env_name(dataset, dataset_id, args.env)
+    ref_min, ref_max, source = reference_scores(dataset, env_name, args.ref_min_score, args.ref_max_score)
+    print(f"{dataset_id}: {dataset.total_steps} steps in {dataset.total_episodes} episodes; {env.spec.id}; "
+          f"reference scores {ref_min:.6g} (0) / {ref_max:.6g} (100) from {source}", file=sys.stderr)
+    return Task(dataset_id, dataset, env, eval_env, env_name, dataset_name_of(dataset_id), (ref_min, ref_max), source)
 
 
 def one_line(error: BaseException) -> str:

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import platform
 import random
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing.cli import Preempted, UsageError, stop_requested
+from plumbing.cli import Preempted, RunFinished, TrainingDiverged, UsageError, stop_requested
 
 # Every key of a progress.csv row, in order, for every method (docs/adding-a-method.md).
 PROGRESS_COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha",
@@ -143,6 +144,8 @@ class RunFolder:
     def reopen(cls, path) -> "RunFolder":
         """An existing run folder (--resume), with its latest.pt state (None: start again from the beginning)."""
         path = Path(path)
+        if (path / "final.pt").exists():
+            raise RunFinished(path)
         lock(path)
         config = json.loads((path / "config.json").read_text())
         latest = load_torch(path / "latest.pt", "--resume") if (path / "latest.pt").exists() else None
@@ -172,6 +175,16 @@ class RunFolder:
 
     def meta(self) -> dict:
         return {"method": self.config["method"], "config": self.config, "actor": self.actor_description}
+
+    def log_evaluation(self, phase: str, step: int, returns, scores, losses: dict, updates: int, env_steps: int = 0,
+                       **extra) -> None:
+        """A progress.csv row: an evaluation's returns and normalized scores (x100), the losses averaged since the
+        previous row, the speeds since then. A non-finite loss stops the run (TrainingDiverged, exit status 1)."""
+        self.logs["progress"].write(dict(phase=phase, step=step, normalized_score=float(np.mean(scores)),
+                                         normalized_score_std=float(np.std(scores)), return_mean=float(np.mean(returns)),
+                                         **losses, **self.speed(updates, env_steps), **extra))
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingDiverged(f"a loss became non-finite ({losses}) at {phase} step {step}")
 
     def wall_s(self) -> float:
         return time.monotonic() - self.started
@@ -228,6 +241,17 @@ class RunFolder:
             log.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def open_run(args, method: str, task, **info) -> "RunFolder":
+    """--resume's folder, or a new one named <env>-<dataset>__<method>__<seed>__<time> whose config.json holds
+    every argument, the task (dataset, env, reference scores) and info."""
+    if args.resume:
+        return RunFolder.reopen(args.resume)
+    config = {"method": method, **dataclasses.asdict(args), "dataset_id": task.dataset_id, "env_id": task.env.spec.id,
+              "env_name": task.env_name, "dataset_name": task.dataset_name, "ref_min_score": task.ref[0],
+              "ref_max_score": task.ref[1], "ref_source": task.ref_source, **info}
+    return RunFolder.create(args.output_dir, f"{task.env_name}-{task.dataset_name}__{method}__{args.seed}", config)
 
 
 class RunningMeans:
@@ -307,18 +331,16 @@ def check_output_dir(output_dir) -> None:
         raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({e.strerror or type(e).__name__})") from None
 
 
-def check_memory(nbytes: int, device: torch.device, what: str) -> None:
-    """Fail before any work when the buffers and networks cannot fit in the device's free memory."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            meminfo = Path("/proc/meminfo").read_text()
-            free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
-        except (OSError, StopIteration, ValueError):
-            return  # not Linux: let the allocation decide
+def check_memory(nbytes: int, what: str) -> None:
+    """Fail before any work when nbytes of buffers and networks cannot fit in this machine's free memory
+    (host memory: the dataset passes through it on every device)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return  # not Linux: let the allocation decide
     if nbytes > free:
-        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but {device} has {free / 2 ** 30:.1f} GiB free")
+        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but this machine has {free / 2 ** 30:.1f} GiB free")
 
 
 # ---------------------------------------------------------------------------------------
