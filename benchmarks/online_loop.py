@@ -68,9 +68,9 @@ def main():
     phase = {"online": False}
     original_update, original_evaluate, original_downsample = m.Agent.update, m.evaluate, m.downsample
 
-    def timed_update(self, batch, alpha):
+    def timed_update(self, batch, alpha, num_min_critics):
         t = time.perf_counter()
-        out = original_update(self, batch, alpha)
+        out = original_update(self, batch, alpha, num_min_critics)
         if phase["online"]:
             stats["online_update_s"] += time.perf_counter() - t
             if self.num_updates % 200 == 0:
@@ -96,6 +96,7 @@ def main():
     args = m.Args(dataset_id="bench/hopper/synthetic-v0", offline_steps=opts.offline_steps,
                   online_steps=opts.online_steps, utd=opts.utd, eval_every=10**9, eval_episodes=opts.eval_episodes,
                   output_dir=os.path.join(tmp, "runs"))
+    m.check_args(args)
     rss_start = rss_mb()
     m.main(args)
     online_s = time.perf_counter() - stats["online_start"]

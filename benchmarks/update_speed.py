@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redq_adaptive_bc as m  # noqa: E402
+from plumbing.compile import compile_step  # noqa: E402
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper-v5
 
@@ -135,7 +136,7 @@ def main():
     random.seed(0)
 
     args = m.Args(num_critics=opts.num_critics, batch_size=opts.batch_size, hidden_dim=opts.hidden_dim)
-    args.alpha_offline = 0.4
+    args.alpha_offline, args.delay_target_updates = 0.4, False
     buffer = m.ReplayBuffer(100_000, OBS_DIM, ACT_DIM, device)
     n = buffer.capacity
     buffer.add(torch.randn(n, OBS_DIM), torch.rand(n, ACT_DIM) * 2 - 1, torch.randn(n), torch.randn(n, OBS_DIM),
@@ -144,13 +145,15 @@ def main():
     alpha = torch.tensor(0.4, device=device)
 
     low, high = -torch.ones(ACT_DIM), torch.ones(ACT_DIM)
-    contenders = {"script": m.Agent(OBS_DIM, ACT_DIM, low, high, args, device).update,
+    M = args.num_min_critics
+    agent = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
+    contenders = {"script": lambda batch, alpha: agent.update(batch, alpha, M),
                   "plain": PlainREDQBC(OBS_DIM, ACT_DIM, args.num_critics, args.num_min_critics, args.hidden_dim,
                                        device).update}
     if opts.compile:
         compiled = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
-        compiled.compile()
-        contenders["script --compile"] = compiled.update
+        compile_step(compiled)
+        contenders["script --compile"] = lambda batch, alpha: compiled.update(batch, alpha, M)
     for name, update in contenders.items():  # warm-up (and compilation)
         start = time.perf_counter()
         time_updates(update, batches[:10], alpha, device)
