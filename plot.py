@@ -6,30 +6,52 @@ Usage:
     python plot.py runs/ --methods redq_adaptive_bc td3_bc --envs hopper --datasets medium
     python plot.py runs/ --smooth 5             # moving average over 5 evaluations per run
     python plot.py runs/ --raw-returns          # return_mean instead of the normalized score
+    python plot.py runs/ --episodes             # also alpha and R per training episode (episodes.csv)
 
-It reads only what each run writes (see CONVENTIONS.md):
-    <env>-<dataset>__<method>__<seed>__<unixtime>/config.json   method, env, dataset, seed
-    <env>-<dataset>__<method>__<seed>__<unixtime>/progress.csv  one row per evaluation
-If config.json is missing or lacks a key, the key comes from the folder name.
+It reads only what each run writes (the contract: docs/adding-a-method.md):
+    <env>-<dataset>__<method>__<seed>__<unixtime>[-k]/config.json    method, env, dataset, seed, settings
+    <env>-<dataset>__<method>__<seed>__<unixtime>[-k]/progress.csv   one row per evaluation
+    <env>-<dataset>__<method>__<seed>__<unixtime>[-k]/episodes.csv   one row per training episode (--episodes)
+If config.json is missing or lacks a key, the key comes from the folder name. Any method name
+works: methods come from config.json's "method", nothing here lists them.
 
 It writes into --out (default: <first input folder>/plots):
-    score.<fmt>  the paper's Figure 2: one panel per env-dataset (rows env, columns
-                 dataset), normalized score (x100) against online environment steps,
-                 one line per method: mean and a band of one std over seeds
-    alpha.<fmt>  the same grid for alpha (the BC weight the adaptive controller moves);
-                 methods that log no alpha are left out
-    curves.csv   every plotted point: quantity, env, dataset, method, step, mean, std, n_runs
-    results.md   the results table (also printed to stdout)
+    score.<fmt>     the paper's Figure 2: one panel per env-dataset (rows env, columns
+                    dataset), normalized score (x100) against online environment steps,
+                    one line per curve (see below): mean and a band of one std over seeds
+    alpha.<fmt>     the same grid for alpha (the BC weight the adaptive controller moves);
+                    methods that log no alpha are left out
+    episodes.<fmt>  with --episodes: per env-dataset, alpha (top) and R_current / R_last
+                    (bottom, normalized returns as fractions, the target as a dotted line)
+                    of every training episode of every run, one line per run; runs whose
+                    episodes.csv has no alpha, R_current and R_last columns are left out
+    curves.csv      every plotted point: quantity, env, dataset, method, step, mean, std, n_runs
+    results.md      the results table (also printed to stdout)
 
-Pipeline: find and load runs -> group by (env, dataset, method) -> align seeds -> plot -> table.
+Pipeline: find and load runs -> one curve per (env, dataset, method, configuration) -> align
+seeds -> plot -> table.
 
-Honest alignment: seeds of one group may stop at different steps or evaluate at different
-steps. A group's curve exists only where every one of its runs has data: from the latest
-first online step to the earliest last online step (the shortest run), on the union of the
-runs' evaluation steps in that range, each run linearly interpolated there. Nothing is
+Curves never mix configurations: runs of one env, dataset and method whose config.json differ
+in anything but the seed and bookkeeping (paths, host, versions, git commit, device, resume,
+checkpointing, see BOOKKEEPING) are separate curves, labelled by the keys that differ, e.g.
+"td3_bc (alpha_online=0.1)", and one line on stderr says which groups were split by which keys.
+A key that only some runs record splits nothing (older runs of a script that gained a flag);
+a run lacking a key others disagree on shows it as "?". --label-by KEY adds keys to every
+label (e.g. to show alpha_online in every panel); it never merges runs that differ.
+Two runs with the same seed in one curve (a copied or repeated run) are an error: exit 2,
+one line naming both folders; move one of them out of the searched folders.
+
+REDQ from scratch (config dataset or dataset_name "scratch": no offline data) runs once per
+env and seed; it is drawn in every dataset panel of its env as "<method> (scratch)" and has a
+row in every env-dataset block of the table (the same runs, repeated).
+
+Honest alignment: seeds of one curve may stop at different steps or evaluate at different
+steps. A curve exists only where every one of its runs has data: from the latest first
+online step to the earliest last online step (the shortest run), on the union of the runs'
+evaluation steps in that range, each run linearly interpolated there. Nothing is
 extrapolated, so every point averages all n runs (n_runs in curves.csv, n in the legend).
 
-The table, per env-dataset and method, each cell "mean ± std over seeds":
+The table, per env-dataset and curve, each cell "mean ± std over seeds":
     pre-trained  last offline evaluation (the online step-0 evaluation when the run has no
                  offline rows; a run with neither is left out of this cell)
     final        last online evaluation
@@ -49,7 +71,8 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,8 +88,20 @@ TABLE_COLUMNS = [  # (key in summarize_run's dict, table header)
 ]
 
 
+SCRATCH = "scratch"  # the dataset of a run without offline data (REDQ from scratch): drawn in every panel
+# config.json keys that say where or how a run ran, not what it computed: never split curves.
+BOOKKEEPING = {"seed", "output_dir", "resume", "device", "git_commit", "versions", "host", "hostname",
+               "pretrained_from", "load_offline", "run_name", "exp_name", "track", "checkpoint_every",
+               "checkpoint_minutes", "compile", "ref_source", "start_time", "timestamp"}
+BOOKKEEPING_SUFFIXES = ("_dir", "_path", "_time")
+
+
 class SkipRun(Exception):
     """A run folder that cannot be used; the message says why (one line on stderr)."""
+
+
+class UsageError(Exception):
+    """Input plot.py refuses (e.g. one seed twice in a curve): one line on stderr, exit 2."""
 
 
 @dataclass
@@ -81,6 +116,12 @@ class Run:
     online_values: np.ndarray  # metric of the online rows
     alpha_steps: np.ndarray  # online rows that logged an alpha
     alpha_values: np.ndarray
+    config: dict = field(default_factory=dict)  # config.json ({} when missing or unreadable)
+    label: str = ""  # the curve it belongs to: method, "(scratch)", differing config keys
+
+    @property
+    def scratch(self):
+        return self.dataset == SCRATCH
 
 
 # ---------------------------------------------------------------- loading runs
@@ -102,8 +143,9 @@ def find_run_folders(tops):
 
 
 def parse_folder_name(folder):
-    """'hopper-medium-replay__td3_bc__3__1700000000' -> env hopper, dataset medium-replay,
-    method td3_bc, seed 3. Returns {} when the name does not have that shape."""
+    """'hopper-medium-replay__td3_bc__3__1700000000' (or ...__1700000000-2, a second run started in
+    that second) -> env hopper, dataset medium-replay, method td3_bc, seed 3. Returns {} when the
+    name does not have that shape."""
     parts = os.path.basename(os.path.normpath(folder)).split("__")
     if len(parts) < 2 or "-" not in parts[0]:
         return {}
@@ -114,29 +156,34 @@ def parse_folder_name(folder):
     return meta
 
 
-def read_meta(folder, label_by=()):
-    """method, env, dataset, seed of a run: from config.json, else from the folder name. label is
-    the method name plus the config values named by --label-by, e.g. 'td3_bc (alpha_online=0.1)'."""
-    config = {}
+def read_config(folder):
+    """config.json as a dict; {} when it is missing, unreadable or half-written."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             loaded = json.load(f)
-        if isinstance(loaded, dict):
-            config = loaded
+        return loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):
-        pass  # missing, unreadable or half-written: fall back to the folder name
+        return {}
+
+
+def read_meta(folder, config=None):
+    """method, env, dataset, seed of a run: from config.json (env_name and dataset_name, the names in
+    the folder name, before the env and dataset flags), else from the folder name. A run of dataset
+    "scratch" (no offline data) has dataset "scratch" whatever else it records."""
+    config = read_config(folder) if config is None else config
     from_name = parse_folder_name(folder)
     meta = {}
-    for key in ("method", "env", "dataset", "seed"):
-        value = config.get(key)
-        meta[key] = from_name.get(key) if value in (None, "") else value
+    for key, config_keys in (("method", ["method"]), ("env", ["env_name", "env"]),
+                             ("dataset", ["dataset_name", "dataset"]), ("seed", ["seed"])):
+        values = [config.get(k) for k in config_keys if config.get(k) not in (None, "")]
+        meta[key] = values[0] if values else from_name.get(key)
+    if SCRATCH in (config.get("dataset"), config.get("dataset_name")):
+        meta["dataset"] = SCRATCH
     if not all(isinstance(meta[k], str) and meta[k] for k in ("method", "env", "dataset")):
         raise SkipRun(
             "cannot tell method/env/dataset: no usable config.json and the folder name "
             "is not <env>-<dataset>__<method>__<seed>__<unixtime>"
         )
-    variant = [f"{key}={config[key]}" for key in label_by if key in config]
-    meta["label"] = f"{meta['method']} ({', '.join(variant)})" if variant else meta["method"]
     try:
         meta["seed"] = None if meta["seed"] is None else int(meta["seed"])
     except (TypeError, ValueError):
@@ -144,50 +191,52 @@ def read_meta(folder, label_by=()):
     return meta
 
 
-def read_progress(path):
-    """The header and the complete rows of a progress.csv (a partial last line is dropped)."""
+def read_csv(path, name="progress.csv"):
+    """The header and the complete rows of a CSV log (a partial last line is dropped)."""
     if not os.path.exists(path):
-        raise SkipRun("no progress.csv")
+        raise SkipRun(f"no {name}")
     try:
         with open(path, newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SkipRun(f"progress.csv unreadable ({getattr(e, 'strerror', None) or e})")
+        raise SkipRun(f"{name} unreadable ({getattr(e, 'strerror', None) or e})")
     if not text.strip():
-        raise SkipRun("progress.csv is empty")
+        raise SkipRun(f"{name} is empty")
     if not text.endswith("\n"):  # still being written: the last line may be cut anywhere
         text = text[: text.rfind("\n") + 1]
     lines = list(csv.reader(io.StringIO(text)))
     if not lines:
-        raise SkipRun("progress.csv has no complete header line yet")
+        raise SkipRun(f"{name} has no complete header line yet")
     header, rows = lines[0], [(n, r) for n, r in enumerate(lines[1:], start=2) if r]
     if not rows:
-        raise SkipRun("progress.csv has a header but no rows yet")
+        raise SkipRun(f"{name} has a header but no rows yet")
+    for line, row in rows:
+        if len(row) < len(header):
+            raise SkipRun(f"{name} line {line}: {len(row)} fields, header has {len(header)}")
     return header, rows
 
 
-def to_float(text, column, line):
+def to_float(text, column, line, name="progress.csv"):
     """A csv field as a float; empty means not applicable (NaN)."""
     if not text.strip():
         return np.nan
     try:
         return float(text)
     except ValueError:
-        raise SkipRun(f"progress.csv line {line}: {column}={text!r} is not a number")
+        raise SkipRun(f"{name} line {line}: {column}={text!r} is not a number")
 
 
-def load_run(folder, metric="normalized_score", meta=None):
+def load_run(folder, metric="normalized_score", meta=None, config=None):
     """One run folder -> Run, or SkipRun saying why it cannot be used."""
-    meta = meta or read_meta(folder)
-    header, rows = read_progress(os.path.join(folder, "progress.csv"))
+    config = read_config(folder) if config is None else config
+    meta = meta or read_meta(folder, config)
+    header, rows = read_csv(os.path.join(folder, "progress.csv"))
     for column in ("phase", "step", metric):
         if column not in header:
             raise SkipRun(f"progress.csv has no {column} column")
     col = {name: i for i, name in enumerate(header)}
     phase, step, value, alpha = [], [], [], []
     for line, row in rows:
-        if len(row) < len(header):
-            raise SkipRun(f"progress.csv line {line}: {len(row)} fields, header has {len(header)}")
         if row[col["phase"]] not in ("offline", "online"):
             raise SkipRun(f"progress.csv line {line}: phase {row[col['phase']]!r} is not offline or online")
         phase.append(row[col["phase"]])
@@ -206,26 +255,108 @@ def load_run(folder, metric="normalized_score", meta=None):
         raise SkipRun(f"no {metric} values in the online rows")
     offline_values = value[(phase == "offline") & ~np.isnan(value)]
     return Run(
-        folder, meta.get("label", meta["method"]), meta["env"], meta["dataset"], meta["seed"], offline_values,
-        on_step[has_value], on_value[has_value], on_step[has_alpha], on_alpha[has_alpha],
+        folder, meta["method"], meta["env"], meta["dataset"], meta["seed"], offline_values,
+        on_step[has_value], on_value[has_value], on_step[has_alpha], on_alpha[has_alpha], config, meta["method"],
     )
 
 
+EPISODE_COLUMNS = ("step", "alpha", "R_current", "R_last")  # what --episodes draws
+
+
+def load_episodes(run):
+    """{column: array} of a run's episodes.csv (the EPISODE_COLUMNS, rows in step order), or SkipRun."""
+    header, rows = read_csv(os.path.join(run.folder, "episodes.csv"), "episodes.csv")
+    missing = [c for c in EPISODE_COLUMNS if c not in header]
+    if missing:
+        raise SkipRun(f"episodes.csv has no {', '.join(missing)} column")
+    col = {name: i for i, name in enumerate(header)}
+    values = {c: np.array([to_float(row[col[c]], c, line, "episodes.csv") for line, row in rows])
+              for c in EPISODE_COLUMNS}
+    order = np.argsort(values["step"], kind="stable")
+    return {c: v[order] for c, v in values.items()}
+
+
 def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets=None, label_by=()):
-    """All usable runs under the given folders that pass the filters; each unusable one is
-    reported with one line on stderr."""
+    """All usable runs under the given folders that pass the filters, labelled by curve (label_runs);
+    each unusable one is reported with one line on stderr. Scratch runs pass any --datasets filter:
+    they belong to every dataset panel of their env."""
     runs = []
     for folder in find_run_folders(tops):
         try:
-            meta = read_meta(folder, label_by)
+            config = read_config(folder)
+            meta = read_meta(folder, config)
             if (methods and meta["method"] not in methods) or (envs and meta["env"] not in envs) or (
-                datasets and meta["dataset"] not in datasets
+                datasets and meta["dataset"] not in datasets and meta["dataset"] != SCRATCH
             ):
                 continue  # filtered out, not broken: say nothing
-            runs.append(load_run(folder, metric, meta))
+            runs.append(load_run(folder, metric, meta, config))
         except SkipRun as e:
             print(f"skipping {folder}: {str(e).splitlines()[0]}", file=sys.stderr)
+    note = label_runs(runs, label_by)
+    if note:
+        print(note, file=sys.stderr)
     return runs
+
+
+# ---------------------------------------------------------------- one curve per configuration
+
+
+def is_bookkeeping(key):
+    return key in BOOKKEEPING or key.endswith(BOOKKEEPING_SUFFIXES)
+
+
+def setting(config, key):
+    """A config value in a comparable, printable form (nested values as sorted JSON)."""
+    value = config[key]
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def differing_keys(runs):
+    """The config keys, bookkeeping aside, on which runs that record them disagree (sorted)."""
+    values = {}
+    for run in runs:
+        for key in run.config:
+            if not is_bookkeeping(key):
+                values.setdefault(key, set()).add(setting(run.config, key))
+    return sorted(key for key, seen in values.items() if len(seen) > 1)
+
+
+def label_runs(runs, label_by=()):
+    """Give every run the label of its curve: the method, "scratch" for a run without offline data,
+    then key=value for the --label-by keys and for every key on which runs of the same env, dataset
+    and method differ. Returns the one-line note saying which groups were split by which keys ("" if
+    none was)."""
+    groups, splits = {}, []
+    for run in runs:
+        groups.setdefault((run.env, run.dataset, run.method), []).append(run)
+    for (env, dataset, method), members in groups.items():
+        split = differing_keys(members)
+        if split:
+            splits.append(f"{env}-{dataset} {method} by {', '.join(split)}")
+        keys = list(label_by) + [k for k in split if k not in label_by]
+        for run in members:
+            parts = [SCRATCH] if run.scratch else []
+            parts += [f"{k}={setting(run.config, k) if k in run.config else '?'}" for k in keys
+                      if k in run.config or k in split]
+            run.label = f"{method} ({', '.join(parts)})" if parts else method
+    if not splits:
+        return ""
+    return ("note: runs that differ in more than the seed are separate curves, labelled by the keys that "
+            "differ: " + "; ".join(sorted(splits)))
+
+
+def check_duplicate_seeds(runs):
+    """UsageError if one curve holds two runs of the same seed (they would count as two seeds)."""
+    seen = {}
+    for run in runs:
+        if run.seed is None:
+            continue
+        key = (run.env, run.dataset, run.label, run.seed)
+        if key in seen:
+            raise UsageError(
+                f"error: {run.env}-{run.dataset} {run.label}: seed {run.seed} twice, in {seen[key]} and "
+                f"{run.folder} (same configuration); move one of them out of the searched folders")
+        seen[key] = run.folder
 
 
 # ---------------------------------------------------------------- grouping and alignment
@@ -236,10 +367,16 @@ def ordered(names, preferred):
 
 
 def group_runs(runs):
-    """{(env, dataset, method): [runs]} in grid order (env, dataset), then method name."""
+    """{(env, dataset, label): [runs]} in grid order (env, dataset), then label. A scratch run joins
+    every dataset of its env that other runs have (its own "scratch" panel if there is none)."""
+    datasets_of = {}
+    for run in runs:
+        if not run.scratch:
+            datasets_of.setdefault(run.env, set()).add(run.dataset)
     groups = {}
     for run in runs:
-        groups.setdefault((run.env, run.dataset, run.method), []).append(run)
+        for dataset in sorted(datasets_of.get(run.env, [run.dataset])) if run.scratch else [run.dataset]:
+            groups.setdefault((run.env, dataset, run.label), []).append(run)
     envs = ordered([k[0] for k in groups], ENV_ORDER)
     datasets = ordered([k[1] for k in groups], DATASET_ORDER)
     keys = sorted(groups, key=lambda k: (envs.index(k[0]), datasets.index(k[1]), k[2]))
@@ -315,7 +452,7 @@ def format_cell(stats, n_seeds):
 
 
 def results_table(groups, metric="normalized_score"):
-    """Markdown table: one row per (env, dataset, method), footer saying what the numbers are."""
+    """Markdown table: one row per (env, dataset, curve), footer saying what the numbers are."""
     head = ["env", "dataset", "method", "seeds"] + [title for _, title in TABLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] * 3 + ["--:"] * (len(head) - 3)) + "|"]
     for (env, dataset, method), runs in groups.items():
@@ -330,7 +467,9 @@ def results_table(groups, metric="normalized_score"):
         "pre-trained: last offline evaluation (online step-0 evaluation if the run has no offline rows). "
         "final: last online evaluation. online mean: mean of all online evaluations. "
         f"dip: lowest evaluation at online steps <= {DIP_FRACTION:.0%} of the run's last online step. "
-        "Raw evaluations, no smoothing.",
+        "Raw evaluations, no smoothing."
+        + (" A (scratch) row repeats the same runs (no offline data) in every dataset of its env."
+           if any(r.scratch for runs in groups.values() for r in runs) else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -339,7 +478,7 @@ def results_table(groups, metric="normalized_score"):
 
 
 def curves_for(groups, quantity, k):
-    """{(env, dataset): [(method, grid, mean, std, n_runs)]} for quantity 'value' or 'alpha'."""
+    """{(env, dataset): [(label, grid, mean, std, n_runs)]} for quantity 'value' or 'alpha'."""
     panels = {}
     for (env, dataset, method), runs in groups.items():
         if quantity == "alpha":
@@ -357,15 +496,45 @@ def curves_for(groups, quantity, k):
     return panels
 
 
-def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
-    """One panel per env-dataset (rows env, columns dataset), mean line and ±1 std band per method."""
+LEGEND_INSIDE = (4, 24)  # at most 4 curves, labels of at most 24 characters: a legend inside each panel
+
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    size = (4.5 * len(datasets), 3.4 * len(envs))
-    fig, axes = plt.subplots(len(envs), len(datasets), figsize=size, squeeze=False)
+    return plt
+
+
+def new_figure(nrows, ncols, title, row_height=3.4):
+    """A grid of axes whose layout keeps every title, label and outside legend on the canvas, with the
+    title wrapped to the figure's width (a one-panel figure is widened, never clipped)."""
+    plt = pyplot()
+    width = max(4.6 * ncols, 6.4)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, row_height * nrows + 0.8), squeeze=False,
+                             layout="constrained")
+    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 10))))
+    return plt, fig, axes
+
+
+def legend_below(fig, handles, labels):
+    """One legend for the whole figure, under the panels, in as many columns as its width allows."""
+    width = fig.get_size_inches()[0]
+    ncols = max(1, min(len(labels), int(width * 14 // (max(map(len, labels)) + 6))))
+    fig.set_figheight(fig.get_figheight() + 0.2 * -(-len(labels) // ncols))  # room for its rows
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+
+
+def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
+    """One panel per env-dataset (rows env, columns dataset), mean line and ±1 std band per curve.
+    Few short labels: a legend in each panel with its n; otherwise one legend under the figure,
+    with the range of n over the panels. Returns the (closed) figure, for tests."""
+    labels = sorted({line[0] for lines in panels.values() for line in lines})
+    inside = len(labels) <= LEGEND_INSIDE[0] and max(map(len, labels), default=0) <= LEGEND_INSIDE[1]
+    plt, fig, axes = new_figure(len(envs), len(datasets), title)
+    handles, counts = {}, {}
     for row, env in enumerate(envs):
         for column, dataset in enumerate(datasets):
             ax = axes[row][column]
@@ -375,19 +544,64 @@ def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
                 ax.text(0.5, 0.5, f"{env}-{dataset}\nno runs", ha="center", va="center",
                         transform=ax.transAxes)
                 continue
-            for method, steps, mean, std, n_runs in lines:
-                ax.plot(steps, mean, color=colors[method], marker="o" if len(steps) == 1 else None,
-                        label=f"{method} (n={n_runs.min()})")
-                ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.2, linewidth=0)
+            for label, steps, mean, std, n_runs in lines:
+                handles[label], = ax.plot(steps, mean, color=colors[label], marker="o" if len(steps) == 1 else None,
+                                          label=f"{label} (n={n_runs.min()})")
+                ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.2, linewidth=0)
+                counts.setdefault(label, set()).add(int(n_runs.min()))
             ax.set_title(f"{env}-{dataset}")
             ax.set_xlabel("online environment steps")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
+            if inside:
+                ax.legend(fontsize="small")
+    if not inside:
+        n = {label: f"{min(c)}" if len(c) == 1 else f"{min(c)}-{max(c)}" for label, c in counts.items()}
+        legend_below(fig, [handles[label] for label in labels], [f"{label} (n={n[label]})" for label in labels])
     fig.savefig(path)
     plt.close(fig)
+    return fig
+
+
+def plot_episodes(episodes, envs, datasets, colors, path):
+    """Per env-dataset two panels, alpha above R: one thin line per run (every training episode),
+    R_current solid with dots, R_last dashed, the target return dotted. Returns the (closed) figure."""
+    from matplotlib.lines import Line2D
+
+    title = "Training episodes online: alpha after Eq. 2 (top), R_current and R_last (bottom), one line per run"
+    plt, fig, axes = new_figure(2 * len(envs), len(datasets), title, row_height=2.6)
+    for row, env in enumerate(envs):
+        for column, dataset in enumerate(datasets):
+            top, bottom = axes[2 * row][column], axes[2 * row + 1][column]
+            runs = episodes.get((env, dataset), [])
+            if not runs:
+                top.set_axis_off(), bottom.set_axis_off()
+                top.text(0.5, 0.5, f"{env}-{dataset}\nno episodes.csv with alpha and R", ha="center",
+                         va="center", transform=top.transAxes)
+                continue
+            for run, ep in runs:
+                color = colors[run.label]
+                top.plot(ep["step"], ep["alpha"], color=color, linewidth=1)
+                bottom.plot(ep["step"], ep["R_current"], color=color, linewidth=0.8, marker=".", markersize=3)
+                bottom.plot(ep["step"], ep["R_last"], color=color, linewidth=1, linestyle="--")
+            targets = {r.config.get("target_return") for r, _ in runs} - {None}
+            for target in targets:
+                bottom.axhline(float(target), color="grey", linestyle=":", linewidth=1)
+            top.set_title(f"{env}-{dataset}")
+            top.set_ylabel("alpha")
+            bottom.set_ylabel("R (1 = expert)")
+            bottom.set_xlabel("online environment steps")
+            top.sharex(bottom)
+            top.tick_params(labelbottom=False)
+            top.grid(alpha=0.3), bottom.grid(alpha=0.3)
+    labels = sorted({run.label for runs in episodes.values() for run, _ in runs})
+    handles = [Line2D([], [], color=colors[label]) for label in labels] + [
+        Line2D([], [], color="black", marker=".", linewidth=0.8), Line2D([], [], color="black", linestyle="--"),
+        Line2D([], [], color="grey", linestyle=":")]
+    legend_below(fig, handles, labels + ["R_current (this episode)", "R_last", "target return"])
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
 
 
 def write_curves_csv(path, named_panels):
@@ -425,12 +639,17 @@ def parse_args(argv=None):
         prog="plot.py",
         description="Learning curves (Figure 2 style), alpha curves and a results table from run folders.",
         epilog=(
-            "Writes score.<fmt>, alpha.<fmt>, curves.csv and results.md into --out and prints the table. "
-            "Curves: mean ± 1 std over seeds, only on the step range every seed of a method covers "
+            "Writes score.<fmt>, alpha.<fmt>, curves.csv and results.md (and episodes.<fmt> with --episodes) "
+            "into --out and prints the table. One curve per env, dataset, method and configuration: runs whose "
+            "config.json differ in more than the seed are never averaged, they are split and labelled by the "
+            "differing keys (one line on stderr says so); one seed twice in a curve: exit 2. "
+            "REDQ from scratch (dataset scratch) is drawn in every dataset panel of its env. "
+            "Curves: mean ± 1 std over seeds, only on the step range every seed of a curve covers "
             "(up to its shortest run's last step; n_runs per point in curves.csv). "
             "Table: pre-trained (last offline eval), final (last online eval), online mean, dip (lowest eval "
             "in the first 10% of online steps), each mean ± std over seeds, std = population std (ddof=0). "
-            "Unusable run folders are skipped with one line on stderr; no usable run: exit 2."
+            "Unusable run folders are skipped with one line on stderr; no usable run: exit 2. "
+            "The files read are described in docs/adding-a-method.md."
         ),
     )
     parser.add_argument("folders", nargs="+",
@@ -441,8 +660,8 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", metavar="D",
                         help="only these datasets, e.g. medium medium-replay")
     parser.add_argument("--label-by", nargs="+", metavar="KEY",
-                        help="split a method's runs into variants by these config.json keys, e.g. "
-                             "alpha_online keep_ratio (Figures 1, 3, 4, 5)")
+                        help="also name these config.json keys in every curve's label, e.g. alpha_online "
+                             "keep_ratio (Figures 1, 3, 4, 5); runs that differ are split without it")
     parser.add_argument("--out", help="output folder (default: <first folder>/plots)")
     parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png",
                         help="figure file format (default: png)")
@@ -451,6 +670,9 @@ def parse_args(argv=None):
                         "curves only, not the table (default: 1 = none)")
     parser.add_argument("--raw-returns", action="store_true",
                         help="use return_mean instead of normalized_score (curves and table)")
+    parser.add_argument("--episodes", action="store_true",
+                        help="also write episodes.<fmt>: alpha and R_current/R_last of every online training "
+                             "episode (episodes.csv), one panel pair per env-dataset")
     args = parser.parse_args(argv)
     for name in ("methods", "envs", "datasets"):
         values = getattr(args, name)
@@ -459,6 +681,26 @@ def parse_args(argv=None):
     if args.label_by:
         args.label_by = [v for text in args.label_by for v in text.split(",") if v]
     return args
+
+
+def episodes_for(groups):
+    """{(env, dataset): [(run, episodes)]} for the runs whose episodes.csv has alpha, R_current and R_last;
+    one note on stderr counts the runs left out."""
+    loaded, panels = {}, {}
+    for (env, dataset, _), runs in groups.items():
+        for run in runs:
+            if run.folder not in loaded:
+                try:
+                    loaded[run.folder] = load_episodes(run)
+                except SkipRun:
+                    loaded[run.folder] = None
+            if loaded[run.folder] is not None and len(loaded[run.folder]["step"]):
+                panels.setdefault((env, dataset), []).append((run, loaded[run.folder]))
+    left_out = sum(ep is None for ep in loaded.values())
+    if left_out and panels:
+        print(f"note: {left_out} of {len(loaded)} runs have no episodes.csv with alpha, R_current and R_last: "
+              "not in the episodes figure", file=sys.stderr)
+    return panels
 
 
 def fail(message):
@@ -479,12 +721,16 @@ def main(argv=None):
         filters = args.methods or args.envs or args.datasets
         filtered = " matching --methods/--envs/--datasets" if filters else ""
         return fail(f"error: no runs with a readable progress.csv under {where}{filtered}")
+    try:
+        check_duplicate_seeds(runs)
+    except UsageError as e:
+        return fail(str(e))
     groups = group_runs(runs)
 
     envs = ordered([k[0] for k in groups], ENV_ORDER)
     datasets = ordered([k[1] for k in groups], DATASET_ORDER)
-    methods = sorted({k[2] for k in groups})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # same color for a method in every panel
+    labels = sorted({k[2] for k in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}  # same color for a curve in every panel
     ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
     out = args.out or os.path.join(args.folders[0], "plots")
     table = results_table(groups, metric)
@@ -501,6 +747,15 @@ def main(argv=None):
                       "Online fine-tuning: alpha, mean ± 1 std over seeds", written[-1])
         else:
             print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
+        if args.episodes:
+            path = os.path.join(out, f"episodes.{args.format}")
+            episodes = episodes_for(groups)
+            if episodes:
+                plot_episodes(episodes, envs, datasets, colors, path)
+                written.append(path)
+            else:
+                print("note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not "
+                      "written", file=sys.stderr)
         quantity = "score" if metric == "normalized_score" else "return"
         write_curves_csv(os.path.join(out, "curves.csv"), [(quantity, score_panels), ("alpha", alpha_panels)])
         with open(os.path.join(out, "results.md"), "w") as f:

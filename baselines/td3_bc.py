@@ -1,113 +1,88 @@
 """TD3+BC pre-training, then TD3 fine-tuning with a fixed BC weight: the TD3-ft and TD3+BC peers.
 
-Paper: Y. Zhao, R. Boney, A. Ilin, J. Kannala, J. Pajarinen, "Adaptive Behavior Cloning
-Regularization for Stable Offline-to-Online Reinforcement Learning" (arXiv:2210.13846).
-The paper compares REDQ+AdaptiveBC (redq_adaptive_bc.py) with three peers that this script runs:
-
-- TD3-ft (Fig. 2, Fig. 4 "without downsampling"): TD3+BC pre-training, then plain TD3 online
+Paper: Y. Zhao, R. Boney, A. Ilin, J. Kannala, J. Pajarinen, "Adaptive Behavior Cloning Regularization
+for Stable Offline-to-Online Reinforcement Learning" (arXiv:2210.13846). Three of its peers run here:
+- TD3-ft (Fig. 2; Fig. 4 "without downsampling"): TD3+BC pre-training, then plain TD3 online
   (alpha_online = 0) with the whole offline dataset kept in the replay buffer. The default.
 - TD3+BC fine-tuned with a fixed BC weight (Fig. 1): --alpha-online 0.1 or 0.3.
-- TD3-ft with downsampling (Fig. 4): --keep-ratio 0.05 keeps 5% of the offline data, as the
-  main script does at the switch.
+- TD3-ft with downsampling (Fig. 4): --keep-ratio 0.05 --keep-min 0 keeps 5% of the offline data.
 
-TD3+BC (Fujimoto & Gu 2021) with the main script's parametrization of the BC weight:
-two critics, both in the target's minimum, and the first critic alone in the actor loss.
-
+TD3+BC (Fujimoto & Gu 2021) with the main script's parametrization of the BC weight: two critics, both in
+the target's minimum, the first critic alone in the actor loss (Eq. 1):
     a' = clip(pi'(s') + clip(eps, -c, c), a_low, a_high),   eps ~ N(0, sigma_target)
     y  = r + gamma * (1 - terminal) * min(Q'_1(s', a'), Q'_2(s', a'))
     L(Q) = mean((Q_1(s, a) - y)^2) + mean((Q_2(s, a) - y)^2)
     L(pi) = -mean(Q_1(s, pi(s))) / mean(|Q_1(s, pi(s))|) + alpha * mean((pi(s) - a)^2)
+Pre-training: K gradient steps at alpha_offline. Online: G gradient steps per environment step at the fixed
+alpha_online. What differs from redq_adaptive_bc.py: 2 critics instead of N = 10 and both in the target
+instead of a random M, Q_1 in the actor instead of the ensemble mean, no Eq. 2, all offline data kept.
 
-alpha = 0.4 on the BC term is TD3+BC's lambda = 2.5 on the Q term, up to the loss's scale.
-States are not normalized (the paper: "we do not perform any state normalization"), unlike
-the original TD3+BC. Online: one gradient step per environment step (--utd 1, as TD3) with
-alpha = alpha_online held fixed.
+Open choices, each with its default's source and the flag that changes it (TD3_BC = sfujim/TD3_BC, TD3 =
+sfujim/TD3, authors' code = zhaoyi11/adaptive_bc):
+    G, gradient steps per env step   1: the paper does not state G for TD3-ft (Section 5.1 calls it "the
+                                     standard TD3 algorithm"); TD3 trains once per env step (TD3
+                                     main.py:136-137). --utd 20 is the G-matched variant (Table 1's G).
+    BC weight                        alpha on the BC term over mean|Q_1| (paper Eq. 1, Table 1: 0.4); TD3+BC
+                                     puts lambda = 2.5 / mean|Q| on the Q term (TD3_BC.py:141-143): the same
+                                     direction up to the loss's scale. --alpha-offline, --alpha-online.
+    alpha_offline on walker2d-random 100 (paper Section 5.1).
+    state normalization              none (paper Section 5.1); TD3+BC normalizes (TD3_BC main.py:57, 106-107).
+    target network updates           every gradient step (paper Algorithm 1); TD3+BC only on actor steps
+                                     (TD3_BC.py:136, 150-155): --delay-target-updates.
+    critic loss, actor's critic      sum of both MSEs (TD3_BC.py:128); Q_1 alone (TD3_BC.py:140).
+    smoothing noise, policy delay    0.2, clip 0.5, every 2nd step (TD3_BC main.py:52-54; Table 1: 0.5, 2).
+    exploration noise                0.1 x half the action range (Table 1; TD3 main.py:44, 120-123), from the
+                                     first online step: no random warm-up (TD3 main.py:41's
+                                     start_timesteps is for training from scratch).
+    offline data kept at the switch  all of it, --keep-ratio 1.0 (Fig. 4's TD3-ft); with a ratio, at least
+                                     --keep-min 50,000 (authors' code utils.py:67-71; 0 = the ratio alone),
+                                     --keep-with-replacement as utils.py:71.
+    replay capacity online           kept + online steps: nothing is overwritten (not stated). --buffer-size.
+    initialization                   nn.Linear's default for actor and both critics (TD3_BC.py:11-40).
+    evaluation                       10 deterministic episodes every 5,000 steps (paper Section 5.1), the
+                                     env seeded seed + 100 (TD3_BC main.py:14-16).
 
-What differs from redq_adaptive_bc.py, and nothing else: 2 critics instead of N = 10, the
-target takes the minimum of both instead of a random subset M, the actor uses Q_1 instead of
-the ensemble mean, alpha_online is fixed (no Eq. 2), the whole offline dataset is kept by
-default (--keep-ratio 1.0) and the buffer by default holds it and every online transition.
+Algorithm, line by line:
+    pre-train K steps: critics, every 2nd step actor (alpha_offline), targets    pretrain -> Agent.update
+    keep the offline data (all, or a random fraction)                          switch_to_online -> downsample
+    every env step: act with noise, store, G x (critics, actor, targets)       finetune -> Agent.update
 
 Run:
     python baselines/td3_bc.py --env hopper --dataset medium                     # TD3-ft
+    python baselines/td3_bc.py --env hopper --dataset medium --utd 20            # TD3-ft at the method's G
     python baselines/td3_bc.py --env hopper --dataset medium --alpha-online 0.1  # Fig. 1
-    python baselines/td3_bc.py --env hopper --dataset random --keep-ratio 0.05   # Fig. 4
-    python baselines/td3_bc.py --resume runs/<run folder>                        # continue a killed run
+    python baselines/td3_bc.py --env hopper --dataset random --keep-ratio 0.05 --keep-min 0   # Fig. 4
     python baselines/td3_bc.py --help
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import io
-import json
 import math
-import os
-import platform
-import random
-import re
-import shutil
 import sys
-import tempfile
-import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
-from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
+from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
+from plumbing.datasets import check_transitions, open_task
+from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, load_pretrained, open_run
 
 METHOD = "td3_bc"
 NUM_CRITICS = 2  # TD3's twin critics
-ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
-# D4RL's reference returns (random policy, expert policy) used to normalize scores when a
-# dataset's metadata carries none (Minari's mujoco/*-v0 datasets carry none).
-D4RL_REF_SCORES = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
-REMOTE_DATASETS = ("medium", "expert", "simple")  # on Minari's server as mujoco/<env>/<name>-v0
 
 
-# ---------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------
 @dataclass
-class Args:
-    # Experiment
-    env: Literal["hopper", "halfcheetah", "walker2d", "ant"] = "hopper"
-    """MuJoCo task (Gymnasium v5)"""
-    dataset: Literal["random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "medium"
-    """offline dataset (random and medium-expert are built locally on first use; medium-replay from local/<env>/medium-replay-v0)"""
-    dataset_id: Optional[str] = None
-    """any Minari dataset id; overrides --env and --dataset"""
-    seed: int = 0
-    """random seed (the evaluation environment uses seed + 100)"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """torch device; auto picks cuda when available"""
-    output_dir: str = "runs"
-    """runs are written to <output-dir>/<env>-<dataset>__td3_bc__<seed>__<unix time>/"""
-
-    # Schedule
+class Args(RunArgs):
     offline_steps: int = 1_000_000
     """K, offline gradient steps (paper: 1M)"""
     online_steps: int = 250_000
     """T, online environment steps (paper: 250k)"""
-    eval_every: int = 5_000
-    """evaluate every this many gradient steps offline / environment steps online (paper: 5000)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (paper: 10)"""
-
-    # Table 1: TD3
     learning_rate: float = 3e-4
     """Adam learning rate of actor and critics (Table 1: 3e-4)"""
     batch_size: int = 256
@@ -131,117 +106,34 @@ class Args:
     activation: Literal["relu", "tanh", "elu", "gelu"] = "relu"
     """hidden activation (Table 1: ReLU)"""
     utd: int = 1
-    """G, gradient steps per online environment step (TD3: 1; Table 1's 20 is REDQ's)"""
+    """G, gradient steps per online env step (TD3: 1; the paper does not state G for TD3-ft; 20: the method's)"""
     delay_target_updates: bool = False
-    """update target networks only on actor-update steps (original TD3+BC, authors' code) instead of every step (paper)"""
-
-    # Behavior cloning
+    """update targets only on actor steps (TD3+BC's code) instead of every step (paper, Algorithm 1)"""
     alpha_offline: Optional[float] = None
-    """alpha_offline, BC weight in pre-training (Table 1: 0.4; None = 0.4, or 100 on walker2d-random as in the paper)"""
+    """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
     alpha_online: float = 0.0
-    """alpha_online, fixed BC weight in fine-tuning (0 = TD3-ft; Fig. 1: 0.1, 0.3)"""
-
-    # Fine-tuning
+    """alpha_online, the fixed BC weight of fine-tuning (0: TD3-ft; Fig. 1: 0.1, 0.3)"""
     keep_ratio: float = 1.0
-    """fraction of the offline data kept for fine-tuning (TD3-ft: 1.0, the whole dataset; Fig. 4 downsampled: 0.05)"""
+    """fraction of the offline data kept for fine-tuning (TD3-ft: 1.0, all of it; Fig. 4 downsampled: 0.05)"""
     keep_min: int = 50_000
-    """keep at least this many offline transitions when downsampling (authors' code: 50k; 0 = the ratio alone)"""
+    """keep at least this many offline transitions when downsampling (authors' code: 50k; 0: the ratio alone)"""
     keep_with_replacement: bool = False
     """draw the kept transitions with replacement, as the authors' code does"""
     buffer_size: Optional[int] = None
-    """FIFO replay capacity online (None = kept offline data + online-steps: nothing is overwritten)"""
-
-    # Data and checkpoints
-    random_dataset_steps: int = 1_000_000
-    """size of the locally built random dataset (D4RL: 1M; other sizes get the id local/<env>/random-<n>steps-v0)"""
-    ref_min_score: Optional[float] = None
-    """return that normalizes to 0 (default: dataset metadata, else D4RL's random score)"""
-    ref_max_score: Optional[float] = None
-    """return that normalizes to 100 (default: dataset metadata, else D4RL's expert score)"""
-    load_offline: Optional[str] = None
-    """path to an offline.pt of this script: skip pre-training and fine-tune that agent"""
-    checkpoint_every: int = 50_000
-    """write a resumable latest.pt every this many gradient steps offline / env steps online (at the episode's end)"""
-    resume: Optional[str] = None
-    """a run folder to continue from its latest.pt, with the arguments in its config.json (other flags are ignored)"""
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, before any work starts."""
-
-
-def parse_args(argv: Optional[list[str]] = None) -> Args:
-    """tyro.cli, with tyro's boxed error message folded into one line (exit status 2)."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            print("error: " + tyro_error_line(captured.getvalue()), file=sys.stderr)
-        raise
-    if args.resume is not None:
-        args = resumed_args(args.resume)
-    check_args(args)
-    return args
-
-
-def resumed_args(run_dir) -> Args:
-    """The arguments a run folder was started with, to continue it."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text())
-        method = config.get("method")  # checked first: another script's run lacks some of these fields
-        names = [name for name in Args.__dataclass_fields__ if name != "resume"] if method == METHOD else []
-        fields = {name: config[name] for name in names}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {run_dir} is not a run folder of this script ({type(e).__name__})") from None
-    if method != METHOD:
-        raise UsageError(f"--resume: {run_dir} is a run of {method}, not {METHOD}")
-    return Args(**fields, resume=str(run_dir))
-
-
-def tyro_error_line(text):
-    """The message in tyro's error box, drawn in Unicode (title in the top border) or in ASCII
-    (title, rule, message) when stderr cannot encode Unicode."""
-    sections = [[]]
-    for line in text.splitlines():
-        content = line.strip().strip("│|").strip()
-        if content[:1] in ("╭", "╰"):
-            continue
-        if content and set(content) <= set("─-"):
-            sections.append([])
-        elif content:
-            sections[-1].append(content)
-    message = sections[1] if "╭" not in text and len(sections) > 1 else sections[0]
-    return " ".join(message) or text.strip()
+    """FIFO replay capacity online (None: the kept offline data + online-steps, nothing is overwritten)"""
 
 
 def check_args(args: Args) -> None:
-    positive = ["offline_steps", "online_steps", "eval_every", "eval_episodes", "batch_size", "policy_freq",
-                "hidden_layers", "hidden_dim", "utd", "random_dataset_steps", "checkpoint_every"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.keep_ratio <= 1:
-        raise UsageError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
-    if not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
-        raise UsageError(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
-    if args.buffer_size is not None and args.buffer_size <= 0:
-        raise UsageError(f"--buffer-size must be positive, got {args.buffer_size}")
-    for name in ["learning_rate", "policy_noise", "noise_clip", "exploration_noise", "keep_min",
-                 "alpha_offline", "alpha_online"]:
-        value = getattr(args, name)
-        if value is not None and (not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'learning_rate' else 'non-negative'} number, got {value}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    if args.load_offline is not None and not Path(args.load_offline).is_file():
-        raise UsageError(f"--load-offline: no such file: {args.load_offline}")
+    check_ranges(args, positive=["offline_steps", "online_steps", "batch_size", "policy_freq", "hidden_layers",
+                                 "hidden_dim", "utd", "learning_rate", "buffer_size"],
+                 non_negative=["policy_noise", "noise_clip", "exploration_noise", "keep_min", "alpha_offline",
+                               "alpha_online"],
+                 fraction=["keep_ratio", "tau"], finite=["gamma"])
+    if not 0 <= args.gamma <= 1:
+        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
 
 
-# ---------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------
+# ---- Networks -----------------------------------------------------------------------------------------------
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
 
 
@@ -264,12 +156,8 @@ class Actor(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """N critics in one module (here N = 2: TD3's Q_1 and Q_2).
-
-    Layer l of all N critics is one weight tensor of shape (N, in, out), so both critics run
-    as a few batched matrix multiplies instead of a Python loop over critics. Each critic is
-    initialized like its own nn.Linear stack, independently of the other.
-    """
+    """N critics in one module (here N = 2: TD3's Q_1 and Q_2): layer l of both critics is one (N, in, out)
+    weight tensor, so they run as a few batched matrix multiplies. Each is initialized like nn.Linear."""
 
     def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu"):
         super().__init__()
@@ -282,22 +170,19 @@ class CriticEnsemble(nn.Module):
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, obs, action, critic_idx=None):
-        """Q-values of shape (N, B), or (k, B) for a subset of k critics (index tensor or slice)."""
-        x = torch.cat([obs, action], dim=-1)
-        num_layers = len(self.weights)
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            if critic_idx is not None:
-                weight, bias = weight[critic_idx], bias[critic_idx]
-            # The first layer broadcasts the same (B, in) input to every critic.
-            x = torch.baddbmm(bias, x.expand(weight.shape[0], -1, -1), weight) if x.dim() == 2 else torch.baddbmm(bias, x, weight)
-            if layer < num_layers - 1:
+        """Q-values of shape (N, B), or (k, B) for a subset of k critics (an index tensor or a slice)."""
+        weights, biases = list(self.weights), list(self.biases)
+        if critic_idx is not None:
+            weights, biases = [w[critic_idx] for w in weights], [b[critic_idx] for b in biases]
+        x = torch.cat([obs, action], dim=-1).expand(len(weights[0]), -1, -1)  # the same input for every critic
+        for layer, (weight, bias) in enumerate(zip(weights, biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < len(weights) - 1:
                 x = self.activation(x)
         return x.squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------
-# Replay buffer
-# ---------------------------------------------------------------------------------------
+# ---- Replay buffer and the switch's downsampling ------------------------------------------------------------
 class Batch(NamedTuple):
     obs: torch.Tensor
     actions: torch.Tensor
@@ -307,21 +192,13 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """Preallocated FIFO ring buffer of transitions, kept as tensors on the training device.
-
-    Once full, each new transition overwrites the oldest one.
-    """
+    """Preallocated FIFO ring buffer of transitions on the training device: once full, each new
+    transition overwrites the oldest one."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device = capacity, device
-        self.ptr = self.size = 0
-        self.data = Batch(
-            obs=torch.zeros(capacity, obs_dim, device=device),
-            actions=torch.zeros(capacity, act_dim, device=device),
-            rewards=torch.zeros(capacity, device=device),
-            next_obs=torch.zeros(capacity, obs_dim, device=device),
-            terminals=torch.zeros(capacity, device=device),
-        )
+        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
+                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n)."""
@@ -329,15 +206,11 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr = (self.ptr + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
     def sample(self, batch_size) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return Batch(*(field[idx] for field in self.data))
-
-    def __len__(self):
-        return self.size
 
     def state_dict(self):
         return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
@@ -354,171 +227,19 @@ def num_kept(dataset_size, keep_ratio, keep_min):
 
 
 def downsample(buffer: ReplayBuffer, capacity, keep_ratio, keep_min, with_replacement, generator) -> ReplayBuffer:
-    """The switch to online: a new FIFO buffer holding a uniform random subset of the offline data
-    (all of it with keep_ratio 1.0, TD3-ft's default)."""
-    k = num_kept(len(buffer), keep_ratio, keep_min)
-    if with_replacement:
-        keep = torch.randint(0, len(buffer), (k,), generator=generator)
+    """The switch: a new FIFO buffer holding a uniform random subset of the offline data (all of it, in a
+    random order, with TD3-ft's keep_ratio 1.0)."""
+    k = num_kept(buffer.size, keep_ratio, keep_min)
+    if with_replacement:  # authors' code utils.py:71, np.random.randint
+        keep = torch.randint(0, buffer.size, (k,), generator=generator)
     else:
-        keep = torch.randperm(len(buffer), generator=generator)[:k]
+        keep = torch.randperm(buffer.size, generator=generator)[:k]
     online = ReplayBuffer(capacity, buffer.data.obs.shape[1], buffer.data.actions.shape[1], buffer.device)
-    keep = keep.to(buffer.device)
-    online.add(*(field[keep] for field in buffer.data))
+    online.add(*(field[keep.to(buffer.device)] for field in buffer.data))
     return online
 
 
-# ---------------------------------------------------------------------------------------
-# Datasets (Minari) and normalized scores
-# ---------------------------------------------------------------------------------------
-def datasets_root() -> Path:
-    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-
-
-def dataset_exists(dataset_id) -> bool:
-    return (datasets_root() / dataset_id / "data").is_dir()
-
-
-def resolve_dataset_id(args: Args) -> str:
-    if args.dataset_id is not None:
-        return args.dataset_id
-    if args.dataset in REMOTE_DATASETS:
-        return f"mujoco/{args.env}/{args.dataset}-v0"
-    if args.dataset == "random" and args.random_dataset_steps != 1_000_000:  # a smaller one gets its own id
-        return f"local/{args.env}/random-{args.random_dataset_steps}steps-v0"
-    return f"local/{args.env}/{args.dataset}-v0"
-
-
-@contextlib.contextmanager
-def staged_dataset(dataset_id):
-    """Write a dataset in a scratch folder and move it into place only once complete, so an
-    interrupted download or build never leaves a half-written dataset that a later run would use."""
-    root = datasets_root()
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    (scratch / dataset_id).parent.mkdir(parents=True, exist_ok=True)
-    os.environ["MINARI_DATASETS_PATH"] = str(scratch)
-    try:
-        yield
-        os.environ["MINARI_DATASETS_PATH"] = str(root)
-        (root / dataset_id).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch / dataset_id, root / dataset_id)
-    finally:
-        os.environ["MINARI_DATASETS_PATH"] = str(root)
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def get_dataset(dataset_id, args: Args):
-    """Load a Minari dataset; download it, or build it D4RL's way, on first use."""
-    import minari
-
-    if dataset_exists(dataset_id):
-        return minari.load_dataset(dataset_id)
-    env_name = dataset_id.split("/")[1] if dataset_id.count("/") == 2 else args.env
-    name = dataset_id.split("/")[-1]
-    random_recipe = re.fullmatch(r"random(?:-(\d+)steps)?-v0", name)
-    if dataset_id.startswith("local/") and random_recipe and env_name in ENV_IDS:
-        build_random_dataset(dataset_id, ENV_IDS[env_name], int(random_recipe.group(1) or 1_000_000))
-    elif dataset_id.startswith("local/") and name == "medium-expert-v0" and env_name in ENV_IDS:
-        parts = [get_dataset(f"mujoco/{env_name}/{part}-v0", args) for part in ("medium", "expert")]
-        with staged_dataset(dataset_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            minari.combine_datasets(parts, new_dataset_id=dataset_id)
-    elif dataset_id.startswith("local/") and name == "medium-replay-v0":
-        raise UsageError(
-            f"dataset {dataset_id} does not exist: Minari's server has no medium-replay data; build it with "
-            f"baselines/redq.py --export-replay {dataset_id} (see README) or choose another --dataset")
-    elif dataset_id.startswith("local/"):
-        raise UsageError(f"dataset {dataset_id} not found in {datasets_root()} (set MINARI_DATASETS_PATH or build it)")
-    else:
-        try:
-            with staged_dataset(dataset_id):
-                minari.download_dataset(dataset_id)
-        except Exception as e:  # no network, unknown id, server error: all end the same way
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UsageError(
-                f"dataset {dataset_id} is not in {datasets_root()} and could not be downloaded ({reason}); "
-                f"on a machine with internet access run `minari download {dataset_id}` and copy "
-                f"~/.minari/datasets/{dataset_id} into {datasets_root()}") from None
-    return minari.load_dataset(dataset_id)
-
-
-def build_random_dataset(dataset_id, env_id, num_steps, seed=0):
-    """D4RL's random recipe: a uniform random policy for num_steps steps, stored episode by episode."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    env = gym.make(env_id)
-    env.action_space.seed(seed)
-    episodes, steps = [], 0
-    with tqdm(total=num_steps, desc=f"building {dataset_id}", unit="step", mininterval=2) as bar:
-        while steps < num_steps:
-            obs, _ = env.reset(seed=seed if not episodes else None)
-            ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
-            terminated = truncated = False
-            while not (terminated or truncated) and steps < num_steps:
-                action = env.action_space.sample()
-                obs, reward, terminated, truncated, _ = env.step(action)
-                for key, value in zip(ep, (obs, action, reward, terminated, truncated)):
-                    ep[key].append(value)
-                steps += 1
-            ep["truncations"][-1] = not terminated  # the budget cut the last episode: a time-out, not a termination
-            episodes.append(EpisodeBuffer(id=len(episodes), **{k: np.asarray(v) for k, v in ep.items()}))
-            bar.update(len(ep["rewards"]))
-    print(f"writing {len(episodes)} episodes ...", file=sys.stderr)
-    with staged_dataset(dataset_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Minari warns about unset author/permalink fields
-        minari.create_dataset_from_buffers(
-            dataset_id, episodes, env=env_id, algorithm_name="uniform random policy (D4RL random recipe)",
-            description=f"{num_steps} steps of uniformly random actions in {env_id}, built by baselines/td3_bc.py",
-            ref_min_score=None, ref_max_score=None)
-
-
-def flatten_episodes(dataset) -> dict[str, np.ndarray]:
-    """Minari stores episodes with T+1 observations and T actions; flatten them into transitions.
-
-    next_obs is the following observation of the same episode, so an episode cut by a time
-    limit contributes no transition into the next episode's first state. Only terminations end
-    bootstrapping.
-    """
-    parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
-    for ep in dataset.iterate_episodes():
-        parts["obs"].append(ep.observations[:-1])
-        parts["actions"].append(ep.actions)
-        parts["rewards"].append(ep.rewards)
-        parts["next_obs"].append(ep.observations[1:])
-        parts["terminals"].append(ep.terminations)
-    data = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-    for key, value in data.items():
-        if not np.isfinite(value).all():
-            raise UsageError(f"dataset {dataset.spec.dataset_id} has NaN or infinite values in {key}")
-    return data
-
-
-def reference_scores(dataset, env_name, args: Args):
-    """(ref_min, ref_max, source): each end from its flag, else the dataset's metadata, else D4RL's table."""
-    metadata, d4rl = dataset.storage.metadata, D4RL_REF_SCORES.get(env_name, (None, None))
-    ends = []
-    for flag, key, table in [(args.ref_min_score, "ref_min_score", d4rl[0]),
-                             (args.ref_max_score, "ref_max_score", d4rl[1])]:
-        value, source = next(((v, s) for v, s in [(flag, "flags"), (metadata.get(key), "dataset metadata"),
-                                                   (table, "D4RL table")] if v is not None), (None, None))
-        if value is None:
-            raise UsageError(f"no reference scores for {env_name}: pass --ref-min-score and --ref-max-score")
-        ends.append((float(value), source))
-    (low, low_source), (high, high_source) = ends
-    if not high > low:
-        raise UsageError(f"reference scores must satisfy min < max, got {low} and {high}")
-    return low, high, low_source if low_source == high_source else f"{low_source} (min), {high_source} (max)"
-
-
-def normalized(episode_return, ref_min, ref_max):
-    """D4RL normalization as a fraction: 0 = random policy, 1 = expert."""
-    return (episode_return - ref_min) / (ref_max - ref_min)
-
-
-# ---------------------------------------------------------------------------------------
-# The gradient step: TD3 target, critic loss, TD3+BC actor loss, soft target updates
-# ---------------------------------------------------------------------------------------
+# ---- The gradient step: TD3 target, critic loss, TD3+BC actor loss (Eq. 1), soft target updates -------------
 @torch.no_grad()
 def td_target(batch: Batch, actor_target, critic_target, gamma, policy_noise, noise_clip):
     """y = r + gamma (1 - terminal) min(Q'_1(s', a'), Q'_2(s', a')), with a' the smoothed target action."""
@@ -526,8 +247,7 @@ def td_target(batch: Batch, actor_target, critic_target, gamma, policy_noise, no
     next_actions = actor_target(batch.next_obs) + noise * actor_target.action_scale
     low = actor_target.action_bias - actor_target.action_scale
     high = actor_target.action_bias + actor_target.action_scale
-    next_actions = torch.max(torch.min(next_actions, high), low)
-    q_next = critic_target(batch.next_obs, next_actions).min(dim=0).values  # clipped double Q: both critics
+    q_next = critic_target(batch.next_obs, next_actions.clamp(low, high)).min(dim=0).values  # clipped double Q
     return batch.rewards + gamma * (1.0 - batch.terminals) * q_next
 
 
@@ -538,7 +258,7 @@ def critic_loss(critic, batch: Batch, y):
 
 
 def actor_loss(actor, critic, batch: Batch, alpha):
-    """TD3+BC: -mean(Q_1(s, pi(s))) / mean|Q_1| + alpha * mean((pi(s) - a)^2)."""
+    """Eq. 1 with Q_1: -mean(Q_1(s, pi(s))) / mean|Q_1| + alpha * mean((pi(s) - a)^2)."""
     pi = actor(batch.obs)
     q1 = critic(batch.obs, pi, slice(0, 1))[0]  # Q_1 alone, as in TD3 (a slice: a view, no copy)
     # Dividing by the batch's mean |Q_1| (no gradient) makes alpha independent of the reward scale.
@@ -562,35 +282,38 @@ class Agent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
-        self.args = args
-        self.num_updates = 0
-        self.last_actor_loss = torch.zeros((), device=device)
+        self.args, self.device, self.num_updates = args, device, 0
 
-    def update(self, batch: Batch, alpha):
-        """One gradient step. No host-device synchronization: metrics stay tensors."""
+    def critic_step(self, batch: Batch):
         a = self.args
-        self.num_updates += 1
-        update_actor = self.num_updates % a.policy_freq == 0
-
         y = td_target(batch, self.actor_target, self.critic_target, a.gamma, a.policy_noise, a.noise_clip)
-        loss_q, q_mean = critic_loss(self.critic, batch, y)
+        loss, q_mean = critic_loss(self.critic, batch, y)
         self.critic_optim.zero_grad(set_to_none=True)
-        loss_q.backward()
+        loss.backward()
         self.critic_optim.step()
+        return loss.detach(), q_mean
 
+    def actor_step(self, batch: Batch, alpha):
+        """Eq. 1. The critics are frozen: the actor's gradient flows through Q_1, not into it."""
+        self.critic.requires_grad_(False)
+        loss = actor_loss(self.actor, self.critic, batch, alpha)
+        self.actor_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_optim.step()
+        self.critic.requires_grad_(True)
+        return loss.detach()
+
+    def update(self, batch: Batch, alpha) -> dict:
+        """One gradient step: critics, every policy_freq-th step the actor, targets. Metrics stay tensors."""
+        self.num_updates += 1
+        update_actor = self.num_updates % self.args.policy_freq == 0
+        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch)))
         if update_actor:
-            self.critic.requires_grad_(False)  # the actor's gradient flows through Q, not into it
-            loss_pi = actor_loss(self.actor, self.critic, batch, alpha)
-            self.actor_optim.zero_grad(set_to_none=True)
-            loss_pi.backward()
-            self.actor_optim.step()
-            self.critic.requires_grad_(True)
-            self.last_actor_loss = loss_pi.detach()
-
-        if update_actor or not a.delay_target_updates:
-            soft_update(self.critic_target, self.critic, a.tau)
-            soft_update(self.actor_target, self.actor, a.tau)
-        return {"critic_loss": loss_q.detach(), "actor_loss": self.last_actor_loss, "q_mean": q_mean}
+            metrics["actor_loss"] = self.actor_step(batch, alpha)
+        if update_actor or not self.args.delay_target_updates:
+            soft_update(self.critic_target, self.critic, self.args.tau)
+            soft_update(self.actor_target, self.actor, self.args.tau)
+        return metrics
 
     def state_dict(self):
         return {name: getattr(self, name).state_dict() for name in
@@ -601,304 +324,156 @@ class Agent:
             getattr(self, name).load_state_dict(value)
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------
+# ---- Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor, env, num_episodes, device, seed) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy pi(s). Every evaluation starts from the
-    same seed (seed + 100, as TD3+BC), so curves compare policies on the same start states."""
+def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **extra) -> np.ndarray:
+    """Undiscounted returns of the deterministic policy pi(s) in --eval-episodes episodes, each evaluation from
+    the same seed, written as a progress.csv row with the losses averaged since the previous row."""
     returns = []
-    for episode in range(num_episodes):
-        obs, _ = env.reset(seed=seed if episode == 0 else None)
+    for episode in range(args.eval_episodes):
+        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
         done, episode_return = False, 0.0
         while not done:
-            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(action)
+            action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
+            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    return np.array(returns)
+    returns = np.array(returns)
+    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
+                       alpha=alpha, **extra)
+    return returns
 
 
-# ---------------------------------------------------------------------------------------
-# Logging and checkpoints
-# ---------------------------------------------------------------------------------------
-COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha", "critic_loss",
-           "actor_loss", "q_mean", "updates_per_s", "env_steps_per_s", "wall_s", "episode_normalized_return"]
+COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return"]
+EPISODE_COLUMNS = ["step", "length", "return", "normalized_return"]  # normalized_return x100, like the scores
 
 
-class ProgressLog:
-    """progress.csv: one row per evaluation, flushed at once so a killed run keeps its rows."""
-
-    def __init__(self, path, keep_rows=None):
-        """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
-        lines = [",".join(COLUMNS) + "\n"]
-        if keep_rows is not None:  # rows written after the checkpoint are written again
-            lines = path.read_text().splitlines(keepends=True)[: 1 + keep_rows]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
-        self.rows = len(lines) - 1
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, restval="")
-
-    def write(self, row):
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.file.flush()
-        self.rows += 1
+# ---- The phases: pre-training, the switch, fine-tuning ------------------------------------------------------
+def flatten_episodes(dataset) -> dict[str, np.ndarray]:
+    """Minari episodes (T+1 observations, T actions) as transitions. next_obs stays within its episode,
+    and only terminations end bootstrapping: a time-limit truncation does not."""
+    parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
+    for ep in dataset.iterate_episodes():
+        for key, value in zip(parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:],
+                                      ep.terminations)):
+            parts[key].append(value)
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def atomic_write(path: Path, write):
-    """write(tmp_path), then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def pretrain(agent, buffer, args, run, task, rng, start=0):
+    """K gradient steps of TD3+BC at alpha = alpha_offline."""
+    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans()
+    if start == 0:
+        evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means)
+    with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
+        for step in range(start + 1, args.offline_steps + 1):
+            means.add(agent.update(buffer.sample(args.batch_size), alpha))
+            if step % args.eval_every == 0 or step == args.offline_steps:
+                evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
+            if step < args.offline_steps and run.checkpoint_due(step):
+                run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
+                                     num_updates=agent.num_updates), rng)
+            bar.update()
+    run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
-def save_checkpoint(path: Path, agent: Agent, meta: dict):
-    atomic_write(path, lambda tmp: torch.save({"agent": agent.state_dict(), "meta": meta}, tmp))
+def switch_to_online(agent, buffer, args, run, task, rng):
+    """Keep the offline data (TD3-ft: all of it) in the online buffer, evaluate the pre-trained agent."""
+    buffer = downsample(buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement,
+                        torch.Generator().manual_seed(args.seed))
+    print(f"switch to online: kept {buffer.size} offline transitions, FIFO capacity {buffer.capacity}",
+          file=sys.stderr)
+    evaluate(run, agent, task, args, "online", 0, args.alpha_online, RunningMeans())
+    state = dict(phase="online", step=0, R_episode=None)
+    run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
+                         buffer=buffer.state_dict()), rng, task.env)
+    return buffer, state
 
 
-def load_checkpoint(path, agent: Agent, meta: dict):
-    """Load an offline.pt into agent; weights_only=True so a foreign file cannot run code."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["meta"]
-        assert isinstance(saved, dict), "meta is not a dict"
-    except Exception as e:
-        raise UsageError(f"--load-offline: {path} is not a checkpoint of this script ({type(e).__name__})") from None
-    if saved.get("method") != METHOD:
-        raise UsageError(f"--load-offline: {path} was written by {saved.get('method')}, not {METHOD}")
-    for key in ("env_id", "obs_dim", "act_dim"):
-        if saved.get(key) != meta[key]:
-            raise UsageError(f"--load-offline: {path} was trained on {saved.get('env_id')} "
-                             f"({key}={saved.get(key)}), this run uses {meta['env_id']} ({key}={meta[key]})")
-    try:
-        agent.load_state_dict(checkpoint["agent"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"--load-offline: {path} does not fit this network configuration "
-                         f"({str(e).splitlines()[0][:160]})") from None
+def finetune(agent, buffer, args, run, task, rng, state):
+    """TD3 online: act with exploration noise, store, G gradient steps per env step at the fixed alpha_online."""
+    alpha, means, R_episode = torch.tensor(args.alpha_online, device=agent.device), RunningMeans(), state["R_episode"]
+    env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
+    noise_std = args.exploration_noise * (high - low) / 2
+    obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
+    episode_return, episode_length = 0.0, 0
+    with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
+        for step in range(state["step"] + 1, args.online_steps + 1):
+            with torch.no_grad():
+                action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
+            action = np.clip(action.cpu().numpy() + rng.normal(0.0, noise_std), low, high)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
+            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
+
+            for _ in range(args.utd):
+                means.add(agent.update(buffer.sample(args.batch_size), alpha))
+
+            episode_over = terminated or truncated
+            if episode_over:
+                R_episode = task.normalized(episode_return)
+                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
+                                            "normalized_return": 100 * R_episode})
+            if step % args.eval_every == 0 or step == args.online_steps:
+                evaluate(run, agent, task, args, "online", step, args.alpha_online, means, env_steps=step,
+                         episode_normalized_return="" if R_episode is None else 100 * R_episode)
+            # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
+            if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
+                run.save_latest(dict(phase="online", step=step, R_episode=R_episode, agent=agent.state_dict(),
+                                     num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, env)
+            if episode_over:
+                obs, _ = env.reset()
+                episode_return, episode_length = 0.0, 0
+            bar.update()
 
 
-class TrainingDiverged(Exception):
-    pass
-
-
-def rng_states(rng: np.random.Generator, env):
-    """Every random stream a run draws from, so that a resumed run continues it exactly."""
-    return {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "env": env.unwrapped.np_random.bit_generator.state}
-
-
-def set_rng_states(states, rng: np.random.Generator, env):
-    random.setstate(states["python"])
-    rng.bit_generator.state = states["numpy"]
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    env.unwrapped.np_random.bit_generator.state = states["env"]
-
-
-# ---------------------------------------------------------------------------------------
-# Main: offline loop, switch, online loop
-# ---------------------------------------------------------------------------------------
-def env_name_of(env_id: str) -> str:
-    """'Walker2d-v5' -> 'walker2d'."""
-    return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
-
-
-def setup(args: Args):
-    """Everything that can reject the input, done before any training starts."""
-    dataset_id = resolve_dataset_id(args)
-    dataset = get_dataset(dataset_id, args)
-    if dataset.spec.env_spec is not None:
-        env, eval_env = dataset.recover_environment(), dataset.recover_environment(eval_env=True)
-    else:
-        env, eval_env = gym.make(ENV_IDS[args.env]), gym.make(ENV_IDS[args.env])
-    for kind in ("observation_space", "action_space"):
-        data_space, env_space = getattr(dataset, kind), getattr(env, kind)
-        if not isinstance(env_space, gym.spaces.Box) or data_space.shape != env_space.shape:
-            raise UsageError(f"dataset {dataset_id}: {kind} {data_space} does not match {env.spec.id}'s {env_space}")
-    env_name = env_name_of(env.spec.id)
-    dataset_name = re.sub(r"-v\d+$", "", dataset_id.split("/")[-1])
-    ref_min, ref_max, ref_source = reference_scores(dataset, env_name, args)
-    data = flatten_episodes(dataset)
-    if args.alpha_offline is None:
-        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.split("-")[0] == "random" else 0.4
-    kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)
-    if args.buffer_size is None:
-        args.buffer_size = kept + args.online_steps
-    elif args.buffer_size < kept:
-        raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept at the switch")
-    info = dict(dataset_id=dataset_id, env_id=env.spec.id, env=env_name, dataset=dataset_name,
-                ref_min_score=ref_min, ref_max_score=ref_max, ref_source=ref_source,
-                dataset_transitions=len(data["rewards"]), offline_kept=kept)
-    return env, eval_env, data, info
+# ---- Main: load the data, open the run folder, run the phases (resuming where latest.pt left off) -----------
+NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "alpha_offline"]
 
 
 def main(args: Args):
-    env, eval_env, data, info = setup(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low, high = env.action_space.low, env.action_space.high
-    agent = Agent(obs_dim, act_dim, low, high, args, device)
-    meta = dict(env_id=info["env_id"], obs_dim=obs_dim, act_dim=act_dim, method=METHOD)
-    if args.load_offline:
-        load_checkpoint(args.load_offline, agent, meta)
+    pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
+    task = open_task(args)
+    data = flatten_episodes(task.dataset)
+    check_transitions(data, task.dataset_id, task.env.action_space)
+    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
+        args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
+    kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)
+    args.buffer_size = args.buffer_size or kept + args.online_steps  # TD3-ft overwrites nothing
+    if args.buffer_size < kept:
+        raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
+    run = open_run(args, METHOD, task, dataset_transitions=len(data["rewards"]), offline_kept=kept,
+                   pretrained_from=pretrained and pretrained["path"])
 
-    latest = None  # the state saved by the last checkpoint, when resuming
-    if args.resume:
-        run_dir = Path(args.resume)
-        if (run_dir / "final.pt").exists():
-            print(f"{run_dir} has finished already (final.pt): nothing to resume", file=sys.stderr)
-            return run_dir
-        if (run_dir / "latest.pt").exists():
-            latest = torch.load(run_dir / "latest.pt", map_location=device, weights_only=True)
-        log = ProgressLog(run_dir / "progress.csv", keep_rows=latest["csv_rows"] if latest else 0)
-    else:
-        run_dir = Path(args.output_dir) / f"{info['env']}-{info['dataset']}__{METHOD}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-        versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-                    "numpy": np.__version__}
-        for package in ("minari", "mujoco"):
-            with contextlib.suppress(Exception):
-                versions[package] = __import__(package).__version__
-        config = {"method": METHOD, **asdict(args), **info, "device": str(device), "versions": versions}
-        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-        log = ProgressLog(run_dir / "progress.csv")
-    print(f"run folder: {run_dir}  ({info['dataset_id']}, {info['dataset_transitions']} transitions, "
-          f"{info['env_id']}, {device})" + (f", resuming {latest['phase']} step {latest['step']}" if latest else ""),
-          file=sys.stderr)
+    device, rng = pick_device(args.device), seed_everything(args.seed)
+    obs_dim, space = data["obs"].shape[1], task.env.action_space
+    agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
+    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),
+                       action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
+    run.log("progress", COLUMNS, echo=True)
+    run.log("episodes", EPISODE_COLUMNS)
+    latest, start = run.latest, run.latest or pretrained  # --load-offline: as the pre-training process would go on
+    if start is not None:
+        agent.load_state_dict(start["agent"])
+        agent.num_updates = start["num_updates"]
+        run.restore_rng(rng, task.env, state=start)
 
-    start = time.time() - (latest["wall_s"] if latest else 0.0)
-    scores = latest["scores"] if latest else []
-    clock = {"time": time.time(), "updates": 0, "env_steps": 0}
-
-    def log_evaluation(phase, step, alpha, metrics, updates, env_steps, episode_R=None):
-        """Evaluate pi, write a progress.csv row, and stop if a loss went NaN. Returns the score (fraction)."""
-        returns = evaluate(agent.actor, eval_env, args.eval_episodes, device, args.seed + 100)
-        score = normalized(returns, info["ref_min_score"], info["ref_max_score"])
-        losses = {k: float(v) for k, v in metrics.items()}  # the only host syncs: once per evaluation
-        now = time.time()
-        elapsed, clock["time"] = max(now - clock["time"], 1e-9), now
-        row = dict(phase=phase, step=step, normalized_score=100 * score.mean(), normalized_score_std=100 * score.std(),
-                   return_mean=returns.mean(), alpha=alpha, **losses,
-                   updates_per_s=(updates - clock["updates"]) / elapsed if updates > clock["updates"] else "",
-                   env_steps_per_s=(env_steps - clock["env_steps"]) / elapsed if env_steps > clock["env_steps"] else "",
-                   wall_s=now - start, episode_normalized_return="" if episode_R is None else 100 * episode_R)
-        clock["updates"], clock["env_steps"] = updates, env_steps
-        log.write(row)
-        scores.append(float(100 * score.mean()))
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise TrainingDiverged(f"a loss became non-finite ({losses}) at {phase} step {step}")
-        return float(score.mean())
-
-    def save_latest(phase, step, buffer=None, **online_state):
-        """Everything needed to continue from here; written atomically, so a kill leaves the old or the new one."""
-        state = dict(phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates,
-                     last_actor_loss=agent.last_actor_loss, csv_rows=log.rows, scores=scores,
-                     wall_s=time.time() - start, rng=rng_states(rng, env),
-                     buffer=None if buffer is None else buffer.state_dict(), **online_state)
-        atomic_write(run_dir / "latest.pt", lambda tmp: torch.save(state, tmp))
-
-    if latest:
-        agent.load_state_dict(latest["agent"])
-        agent.num_updates, agent.last_actor_loss = latest["num_updates"], latest["last_actor_loss"]
-        set_rng_states(latest["rng"], rng, env)
-        clock["updates"] = agent.num_updates
-    phase, done_steps = (latest["phase"], latest["step"]) if latest else ("offline", 0)
-
-    # ---- Offline pre-training: K gradient steps of TD3+BC ------------------------------------
-    alpha = torch.tensor(args.alpha_offline, device=device)
-    if phase == "offline":
-        buffer = ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)
-        buffer.add(data["obs"], data["actions"], data["rewards"], data["next_obs"], data["terminals"])
-    del data  # the buffer holds the only copy
-    if phase == "offline" and not args.load_offline:
-        with tqdm(total=args.offline_steps, initial=done_steps, desc="offline", unit="upd", mininterval=2) as bar:
-            if done_steps == 0:
-                log_evaluation("offline", 0, args.alpha_offline, {}, 0, 0)
-            for step in range(done_steps + 1, args.offline_steps + 1):
-                metrics = agent.update(buffer.sample(args.batch_size), alpha)
-                if step % args.eval_every == 0 or step == args.offline_steps:
-                    score = log_evaluation("offline", step, args.alpha_offline, metrics, step, 0)
-                    bar.set_postfix(score=f"{100 * score:.1f}")
-                if step % args.checkpoint_every == 0 and step < args.offline_steps:
-                    save_latest("offline", step)
-                bar.update()
-        save_checkpoint(run_dir / "offline.pt", agent, {**meta, "offline_steps": args.offline_steps})
-
-    # ---- The switch: TD3-ft keeps every offline transition (--keep-ratio 1.0) ----------------
-    if phase == "offline":
-        generator = torch.Generator().manual_seed(args.seed)
-        buffer = downsample(buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement,
-                            generator)
-        print(f"switch to online: kept {len(buffer)} offline transitions, FIFO capacity {buffer.capacity}",
-              file=sys.stderr)
-        log_evaluation("online", 0, args.alpha_online, {}, agent.num_updates, 0)  # the pre-trained agent's score
-        R_episode, done_steps = None, 0
-        save_latest("online", 0, buffer, R_episode=R_episode)
-    else:  # resuming fine-tuning where an episode was about to start
-        buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-        buffer.load_state_dict(latest["buffer"])
-        R_episode = latest["R_episode"]
-        clock["env_steps"] = done_steps
-
-    # ---- Online fine-tuning: TD3 with a fixed BC weight alpha_online -------------------------
-    alpha.fill_(args.alpha_online)
-    obs, _ = env.reset(seed=args.seed if done_steps == 0 else None)
-    episode_return, last_checkpoint = 0.0, done_steps
-    noise_std = args.exploration_noise * (high - low) / 2
-    with tqdm(total=args.online_steps, initial=done_steps, desc="online", unit="step", mininterval=2) as bar:
-        for step in range(done_steps + 1, args.online_steps + 1):
-            with torch.no_grad():
-                action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            action = np.clip(action + rng.normal(0.0, noise_std), low, high)
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
-            obs = next_obs
-            episode_return += float(reward)
-
-            for _ in range(args.utd):
-                metrics = agent.update(buffer.sample(args.batch_size), alpha)
-
-            if terminated or truncated:
-                R_episode = normalized(episode_return, info["ref_min_score"], info["ref_max_score"])
-
-            if step % args.eval_every == 0 or step == args.online_steps:
-                score = log_evaluation("online", step, args.alpha_online, metrics, agent.num_updates, step, R_episode)
-                bar.set_postfix(score=f"{100 * score:.1f}")
-
-            if terminated or truncated:
-                # Checkpoints wait for an episode's end: then the environment's state is only its RNG.
-                if step - last_checkpoint >= args.checkpoint_every and step < args.online_steps:
-                    save_latest("online", step, buffer, R_episode=R_episode)
-                    last_checkpoint = step
-                obs, _ = env.reset()
-                episode_return = 0.0
-            bar.update()
-
-    save_checkpoint(run_dir / "final.pt", agent, {**meta, "online_steps": args.online_steps})
-    (run_dir / "latest.pt").unlink(missing_ok=True)  # final.pt marks the run as finished
-    print(f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, "
-          f"wall time {time.time() - start:.0f} s, run folder {run_dir}")
-    return run_dir
+    with run:
+        if latest is None or latest["phase"] == "offline":
+            buffer = ReplayBuffer(len(data["rewards"]), obs_dim, space.shape[0], device)
+            buffer.add(**data)
+            if pretrained is None:
+                pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
+            buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
+        else:
+            buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)
+            buffer.load_state_dict(latest["buffer"])
+            state = latest
+        del data  # the buffer holds the only copy
+        finetune(agent, buffer, args, run, task, rng, state)
+        run.finish(agent.state_dict(), agent.actor.state_dict())
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}; stopped. progress.csv and the checkpoints written before are kept.", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: progress.csv and the checkpoints written so far are kept.", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, Args, METHOD, check_args, description=__doc__.split("\n\n")[0])

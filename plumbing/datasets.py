@@ -97,8 +97,8 @@ def open_dataset(dataset_id: str):
             warnings.simplefilter("ignore")
             dataset = minari.load_dataset(dataset_id)
             num_episodes = dataset.total_episodes
-            if num_episodes:
-                next(iter(dataset.iterate_episodes([0])))  # reads the episode file, so a truncated one shows here
+            if num_episodes:  # reads the episode file, so a truncated one or a lost last episode shows here
+                list(dataset.iterate_episodes([0, num_episodes - 1]))
     except Exception as e:  # h5py, json and Minari errors alike
         raise UsageError(f"dataset {dataset_id} in {path.parent} cannot be read ({one_line(e)}); "
                          f"delete the folder to download or build it again") from None
@@ -113,7 +113,7 @@ def obtain_dataset(dataset_id: str) -> None:
 
     parts = dataset_id.split("/")
     env_name, name = (parts[1] if len(parts) == 3 else None), parts[-1]
-    random_recipe = re.fullmatch(r"random(?:-(\d+)steps)?-v0", name)
+    random_recipe = re.fullmatch(r"random(?:-([1-9]\d*)steps)?-v0", name)
     if parts[0] != "local":
         download_dataset(dataset_id)
     elif random_recipe and env_name in ENV_IDS:
@@ -164,7 +164,12 @@ def staged_dataset(dataset_id: str):
     try:
         yield
         (root / dataset_id).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch / dataset_id, root / dataset_id)
+        try:
+            os.replace(scratch / dataset_id, root / dataset_id)
+        except OSError as e:  # a parallel run finished the same dataset first (keep its copy), or a stray folder
+            if not (root / dataset_id / "data" / "metadata.json").is_file():
+                raise UsageError(f"dataset {dataset_id}: cannot move it into {root / dataset_id} ({e.strerror}); "
+                                 f"that folder holds no dataset: delete it and try again") from None
     finally:
         os.environ["MINARI_DATASETS_PATH"] = str(root)
         shutil.rmtree(scratch, ignore_errors=True)

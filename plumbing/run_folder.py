@@ -77,8 +77,8 @@ class CsvLog:
     def __init__(self, path: Path, columns, keep_rows=None, echo=(), tracker=None):
         """keep_rows: continue a file after its first keep_rows rows (--resume); None starts a new one."""
         lines = [",".join(columns) + "\n"]
-        if keep_rows is not None and path.exists():
-            existing = path.read_text().splitlines(keepends=True)
+        if keep_rows is not None and (keep_rows > 0 or path.exists()):
+            existing = path.read_text().splitlines(keepends=True) if path.exists() else []
             if existing[:1] != lines or len(existing) < 1 + keep_rows:
                 raise UsageError(f"--resume: {path} does not hold the {keep_rows} rows latest.pt expects")
             lines = existing[: 1 + keep_rows]  # rows written after the checkpoint are written again
@@ -219,6 +219,17 @@ class RunFolder:
     def restore_rng(self, rng: np.random.Generator, env=None, state: dict | None = None) -> None:
         """Continue the random streams saved in latest.pt (or in state, e.g. a pre-trained offline.pt)."""
         set_rng_states((state or self.latest)["rng"], rng, env)
+
+    def restore(self, agent, rng: np.random.Generator, env, pretrained: dict | None = None) -> dict | None:
+        """Where training starts: latest.pt's agent, update count and random streams (--resume), else the agent
+        of --load-offline with the random streams its pre-training process ended with (so fine-tuning continues
+        as that process would have). agent: load_state_dict() and num_updates. Returns latest.pt's state."""
+        start = self.latest or pretrained
+        if start is not None:
+            agent.load_state_dict(start["agent"])
+            agent.num_updates = start["num_updates"]
+            self.restore_rng(rng, env, state=start)
+        return self.latest
 
     def save_offline(self, agent: dict, num_updates: int, rng: np.random.Generator) -> None:
         """offline.pt: the pre-trained agent, the run's configuration, and the random streams at this point,
@@ -364,7 +375,8 @@ def set_rng_states(states: dict, rng: np.random.Generator, env=None) -> None:
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle
+    found = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__}
     for package in ("gymnasium", "minari", "mujoco"):
         with contextlib.suppress(Exception):
             found[package] = __import__(package).__version__

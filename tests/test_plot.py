@@ -20,6 +20,7 @@ The fake runs (all on hopper, every number chosen so the arithmetic is easy by h
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,7 +174,10 @@ def test_folder_name_parsing_and_config_precedence(runs_dir):
     assert plot.parse_folder_name("hopper-medium-replay__td3_bc__3__1700000000") == {
         "env": "hopper", "dataset": "medium-replay", "method": "td3_bc", "seed": 3}
     assert plot.read_meta(runs_dir / "hopper-medium__td3_bc__1__1700000011") == {
-        "method": "td3_bc", "env": "hopper", "dataset": "medium", "seed": 1, "label": "td3_bc"}
+        "method": "td3_bc", "env": "hopper", "dataset": "medium", "seed": 1}
+    # a second run started in the same second gets a -k suffix: still a run folder, same fields
+    assert plot.parse_folder_name("hopper-medium__td3_bc__3__1700000000-2") == {
+        "env": "hopper", "dataset": "medium", "method": "td3_bc", "seed": 3}
     # config.json says redq_adaptive_bc although the folder name says "adaptive"
     assert plot.read_meta(runs_dir / "hopper-medium__adaptive__2__1700000002")["method"] == "redq_adaptive_bc"
 
@@ -302,18 +306,162 @@ def test_rows_without_the_metric_are_ignored(tmp_path):
     assert plot.summarize_run(run)["online_mean"] == 60.0  # (50 + 70) / 2
 
 
-def test_label_by_splits_variants_of_one_method(tmp_path):
+def with_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_runs_that_differ_are_never_averaged(tmp_path):
     # Fig. 1: td3_bc at alpha_online 0.0 and 0.1, two seeds each; final scores 10, 20 and 50, 70.
+    # Bookkeeping differs in every run (output_dir, git_commit, host, versions, device) and one run
+    # records a key the others lack (new_flag): neither may split a curve.
     for seed, alpha, final in [(0, 0.0, 10), (1, 0.0, 20), (0, 0.1, 50), (1, 0.1, 70)]:
-        folder = write_run(tmp_path / "runs", f"hopper-medium__td3_bc__{seed}__{int(alpha * 10)}",
-                           online=[(0, 5), (100, final)], method="td3_bc", seed=seed)
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "alpha_online": alpha}))
-    merged = plot.group_runs(plot.load_runs([str(tmp_path / "runs")]))
-    assert list(merged) == [("hopper", "medium", "td3_bc")] and len(merged[("hopper", "medium", "td3_bc")]) == 4
-    groups = plot.group_runs(plot.load_runs([str(tmp_path / "runs")], label_by=["alpha_online", "no_such_key"]))
+        name = f"hopper-medium__td3_bc__{seed}__{int(alpha * 10)}"
+        folder = write_run(tmp_path / "runs", name, online=[(0, 5), (100, final)], method="td3_bc", seed=seed)
+        with_config(folder, alpha_online=alpha, output_dir=f"/somewhere/{name}", git_commit=f"abc{seed}{alpha}",
+                    host=f"node{seed}", versions={"torch": f"2.{seed}"}, device=["cpu", "cuda"][seed],
+                    **({"new_flag": 1} if final == 70 else {}))
+    runs = plot.load_runs([str(tmp_path / "runs")])
+    groups = plot.group_runs(runs)
     finals = {key[2]: sorted(r.online_values[-1] for r in runs) for key, runs in groups.items()}
     assert finals == {"td3_bc (alpha_online=0.0)": [10, 20], "td3_bc (alpha_online=0.1)": [50, 70]}
-    proc = run_cli(str(tmp_path / "runs"), "--label-by", "alpha_online", "--methods", "td3_bc")
-    assert proc.returncode == 0 and "| td3_bc (alpha_online=0.1) | 2 |" in proc.stdout
+    assert plot.differing_keys(runs) == ["alpha_online"]
+    # --label-by adds keys to every label (utd is 20 everywhere) and never merges what differs
+    groups = plot.group_runs(plot.load_runs([str(tmp_path / "runs")], label_by=["utd", "no_such_key"]))
+    assert sorted(k[2] for k in groups) == ["td3_bc (utd=20, alpha_online=0.0)", "td3_bc (utd=20, alpha_online=0.1)"]
+    proc = run_cli(str(tmp_path / "runs"), "--methods", "td3_bc")
+    assert proc.returncode == 0, proc.stderr
+    assert "| td3_bc (alpha_online=0.1) | 2 |" in proc.stdout and "| td3_bc (alpha_online=0.0) | 2 |" in proc.stdout
     assert "60.00 ± 10.00" in proc.stdout  # final of the 0.1 variant: mean(50, 70), population std 10
+    (note,) = [ln for ln in proc.stderr.splitlines() if "differ" in ln]  # one line: what was split, by which key
+    assert note.startswith("note: ") and note.endswith("hopper-medium td3_bc by alpha_online")
+
+
+def test_missing_key_is_shown_as_unknown_when_others_disagree(tmp_path):
+    # kp 1 and 2 differ; the run without config.json cannot be put in either curve: its own, "kp=?"
+    write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (10, 2)], method="td3_bc", seed=0)
+    write_run(tmp_path, "hopper-medium__td3_bc__1__1", online=[(0, 1), (10, 2)], method="td3_bc", seed=1)
+    write_run(tmp_path, "hopper-medium__td3_bc__2__1", online=[(0, 1), (10, 2)], config=False)
+    with_config(tmp_path / "hopper-medium__td3_bc__0__1", kp=1)
+    with_config(tmp_path / "hopper-medium__td3_bc__1__1", kp=2)
+    labels = sorted(r.label for r in plot.load_runs([tmp_path]))
+    assert labels == ["td3_bc (kp=1)", "td3_bc (kp=2)", "td3_bc (kp=?)"]
+
+
+def test_one_seed_twice_in_a_curve_is_an_error(tmp_path):
+    # the same run twice (a copy, or a second start in the same second: the -1 suffix)
+    for name in ("hopper-medium__td3_bc__3__1700000000", "hopper-medium__td3_bc__3__1700000000-1"):
+        write_run(tmp_path / "runs", name, online=[(0, 1), (10, 2)], method="td3_bc", seed=3)
+    proc = run_cli(tmp_path / "runs")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: hopper-medium td3_bc: seed 3 twice") and "1700000000-1" in line
+    assert not (tmp_path / "runs" / "plots").exists()
+    # a different configuration is a different curve, not a duplicate
+    with_config(tmp_path / "runs" / "hopper-medium__td3_bc__3__1700000000-1", utd=10)
+    assert run_cli(tmp_path / "runs").returncode == 0
+
+
+def test_scratch_runs_join_every_dataset_panel_of_their_env(tmp_path):
+    # hopper: td3_bc on random and medium, redq from scratch seeds 0, 1 (finals 9, 11: 10 ± 1);
+    # walker2d: only a scratch run, so it gets its own walker2d-scratch panel.
+    write_run(tmp_path, "hopper-random__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc", dataset="random")
+    write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc")
+    for seed, final in [(0, 9), (1, 11)]:
+        write_run(tmp_path, f"hopper-scratch__redq__{seed}__1", online=[(0, 1), (100, final)], method="redq",
+                  dataset="scratch", seed=seed)
+    folder = write_run(tmp_path, "walker2d-scratch__redq__0__1", online=[(0, 1), (100, 5)], method="redq",
+                       dataset="scratch")
+    with_config(folder, env="walker2d")
+    groups = plot.group_runs(plot.load_runs([tmp_path]))
+    assert list(groups) == [("hopper", "random", "redq (scratch)"), ("hopper", "random", "td3_bc"),
+                            ("hopper", "medium", "redq (scratch)"), ("hopper", "medium", "td3_bc"),
+                            ("walker2d", "scratch", "redq (scratch)")]
+    assert len(groups[("hopper", "medium", "redq (scratch)")]) == 2
+    proc = run_cli(tmp_path, "--datasets", "medium")  # scratch runs pass any --datasets filter
+    assert proc.returncode == 0, proc.stderr
+    assert "| hopper | medium | redq (scratch) | 2 | 1.00 ± 0.00 | 10.00 ± 1.00 |" in proc.stdout
+    assert "| hopper | random |" not in proc.stdout and "| walker2d | scratch | redq (scratch) | 1 |" in proc.stdout
+    assert "repeats the same runs" in proc.stdout
+
+
+def text_on_canvas(fig):
+    """Every title, axis label and legend of a saved figure lies inside the canvas; legends miss the axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # plot.py closed the figure: draw it again, same size, same layout
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    artists = [fig._suptitle] + list(fig.legends)
+    for ax in fig.axes:
+        if ax.axison:
+            artists += [ax.title, ax.xaxis.label, ax.yaxis.label] + ([ax.get_legend()] if ax.get_legend() else [])
+    for artist in artists:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1, artist
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    return True
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
+def test_figures_keep_titles_and_legends_on_the_canvas(tmp_path, shape):
+    envs, datasets = ["hopper", "walker2d"][: shape[0]], ["random", "medium", "expert"][: shape[1]]
+    steps = np.array([0.0, 100.0])
+    long = [f"redq_adaptive_bc (kp={k}, target_return=1.0, keep_ratio=0.05)" for k in (1, 2, 3)]
+    for labels in (["td3_bc"], long):  # short: legend inside each panel; long: one legend below the figure
+        panels = {(e, d): [(label, steps, steps / 10, steps / 100, np.array([3, 3])) for label in labels]
+                  for e in envs for d in datasets}
+        colors = {label: f"C{i}" for i, label in enumerate(labels)}
+        fig = plot.plot_grid(panels, envs, datasets, colors, "normalized score (x100)",
+                             "Online fine-tuning: normalized score (x100), mean ± 1 std over seeds",
+                             tmp_path / "score.png")
+        assert text_on_canvas(fig)
+        assert bool(fig.legends) == (labels is long)
+
+
+def write_episodes(folder, rows, columns="step,length,return,R_current,R_last,p_term,d_term,alpha"):
+    (folder / "episodes.csv").write_text(columns + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+
+
+def test_episodes_figure(tmp_path):
+    # two runs of the main script log Eq. 2's inputs; a baseline's episodes.csv has no alpha: left out.
+    for seed in (0, 1):
+        folder = write_run(tmp_path, f"hopper-medium__redq_adaptive_bc__{seed}__1", online=[(0, 1), (100, 2)],
+                           method="redq_adaptive_bc", seed=seed)
+        write_episodes(folder, [(40, 40, 100, 0.3, 0.2, 1e-5, 0, 0.39), (20, 20, 50, 0.2, 0.1, 1e-5, 0, 0.4)])
+    folder = write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc")
+    write_episodes(folder, [(20, 20, 50, 0.2)], columns="step,length,return,normalized_return")
+    runs = plot.load_runs([tmp_path])
+    episodes = plot.episodes_for(plot.group_runs(runs))
+    (panel,) = episodes.values()
+    assert sorted(run.seed for run, _ in panel) == [0, 1]
+    assert panel[0][1]["step"].tolist() == [20, 40] and panel[0][1]["alpha"].tolist() == [0.4, 0.39]  # step order
+    proc = run_cli(tmp_path, "--episodes", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "episodes.png").read_bytes().startswith(b"\x89PNG")
+    assert "1 of 3 runs have no episodes.csv with alpha" in proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_real_run_folders_with_suffix(datasets_path, tmp_path):
+    """A run of the main script, and a copy named like a second run started in the same second
+    (suffix -1, seed 1): one curve of two seeds, and its episodes.csv drawn by --episodes."""
+    from conftest import TINY, run_script
+
+    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, "--output-dir", tmp_path / "runs",
+                      datasets_path=datasets_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (first,) = (tmp_path / "runs").iterdir()
+    copy = first.with_name(first.name.replace("__0__", "__1__") + "-1")
+    shutil.copytree(first, copy)
+    with_config(copy, seed=1)
+    proc = run_cli(tmp_path / "runs", "--episodes")
+    assert proc.returncode == 0, proc.stderr
+    assert "| hopper | random-400steps | redq_adaptive_bc | 2 |" in proc.stdout  # panel named as the folder
+    assert (tmp_path / "runs" / "plots" / "episodes.png").exists()
+    rows = [ln.split(",") for ln in (tmp_path / "runs" / "plots" / "curves.csv").read_text().splitlines()[1:]]
+    assert {r[7] for r in rows} == {"2"}  # every point averages both runs

@@ -13,7 +13,8 @@ GOLDEN_RUNS = {
                                                           "--critic-init", "pytorch", "--critic-loss-reduction", "sum",
                                                           "--r-last-start", "mean"]),
     "td3_bc": ("baselines/td3_bc.py", SCHEDULE + ["--utd", "2"]),
-    "awac": ("baselines/awac.py", SCHEDULE + ["--utd", "2", "--actor-hidden-layers", "1"]),
+    # --lam 1.0 restores the default that issue 14 changed (jaxrl's config: 2.0).
+    "awac": ("baselines/awac.py", SCHEDULE + ["--utd", "2", "--actor-hidden-layers", "1", "--lam", "1.0"]),
     "balanced_replay": ("baselines/balanced_replay.py",
                         SCHEDULE + ["--utd", "2", "--ratio-hidden-dim", "16", "--ratio-batch-size", "32"]),
     "redq": ("baselines/redq.py", ["--online-steps", "300", "--learning-starts", "100", "--eval-every", "100",
