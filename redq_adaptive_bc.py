@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
 import numpy as np
@@ -45,7 +45,7 @@ from plumbing.cli import (RunArgs, UsageError, check_ranges, pick_device, progre
                           seed_everything)
 from plumbing.compile import compile_step
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
 
 METHOD = "redq_adaptive_bc"
 
@@ -149,7 +149,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
                          f"got {args.gamma} and {args.target_return}")
     weights = (args.num_critics + 1) * args.hidden_dim * (args.hidden_dim * args.hidden_layers + 400)  # roughly
-    check_memory(4 * (4 * weights + 40 * max(args.online_steps, args.buffer_size or 0)), "the networks and buffer")
+    transition = 2 * 105 + 8 + 2  # floats of (s, a, r, s', terminal) in Ant-v5, the largest of the four tasks
+    check_memory(4 * (4 * weights + transition * max(args.online_steps, args.buffer_size or 0)), "networks and buffer")
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
 
 def pretrain(agent, buffer, args, run, task, rng, start=0):
     """Algorithm 1, lines 4-9: K gradient steps of TD3+BC with the REDQ ensemble, alpha = alpha_offline."""
-    alpha, means, M = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans(), args.num_min_critics
+    alpha, means, M = torch.tensor(args.alpha_offline, device=agent.device), run.means, args.num_min_critics
     if M == args.num_critics and not args.min_over_all_offline:
         M = min(2, M)  # redq_bc.py:141: the min over all critics only when fine-tuning, a random pair before
     if start == 0:
@@ -438,7 +439,7 @@ def switch_to_online(agent, buffer, args, run, task, rng):
     print(f"switch to online: kept {buffer.size} of {total} offline transitions"
           + (" (all of them: --keep-min is not below the dataset's size)" if buffer.size >= total else ""),
           file=sys.stderr)
-    returns = evaluate(run, agent, task, args, "online", 0, args.alpha_online, RunningMeans())
+    returns = evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
     R_last = task.normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean())  # main.py:181
     state = dict(phase="online", step=0, alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)
     run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
@@ -449,7 +450,7 @@ def switch_to_online(agent, buffer, args, run, task, rng):
 def finetune(agent, buffer, args, run, task, rng, state):
     """Algorithm 1, lines 13-25: G gradient steps per environment step, alpha_online from Eq. 2 per episode."""
     alpha_online, R_last, R_current = state["alpha_online"], state["R_last"], state["R_current"]
-    alpha, means = torch.tensor(alpha_online, device=agent.device), RunningMeans()
+    alpha, means = torch.tensor(alpha_online, device=agent.device), run.means
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
     moving_average = args.r_last_smoothing if args.r_last == "moving-average" else None  # main.py:227
@@ -498,6 +499,7 @@ NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "num_critics", "cri
 
 def main(args: Args):
     pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
+    check_args(args)  # again: the settings taken from the pre-training run must fit the other flags
     task = open_task(args)
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
@@ -521,12 +523,7 @@ def main(args: Args):
                        action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
-    # --resume continues where latest.pt left off; --load-offline as the pre-training process would have
-    latest, start = run.latest, run.latest or pretrained
-    if start is not None:
-        agent.load_state_dict(start["agent"])
-        agent.num_updates = start["num_updates"]
-        run.restore_rng(rng, task.env, state=start)
+    latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent
 
     with run:
         if latest is None or latest["phase"] == "offline":

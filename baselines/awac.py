@@ -69,7 +69,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
 
 METHOD = "awac"
 
@@ -386,7 +386,7 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
 
 def pretrain(agent, buffer, args, run, task, rng, start=0):
     """K gradient steps on the dataset."""
-    means = RunningMeans()
+    means = run.means
     if start == 0:
         evaluate(run, agent, task, args, "offline", 0, means)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
@@ -405,7 +405,7 @@ def start_online(agent, buffer, args, run, task, rng, num_offline):
     """AWAC has no switch: the dataset stays in the buffer and online data are appended after it."""
     print(f"switch to online: the buffer keeps all {buffer.size} offline transitions, FIFO capacity "
           f"{buffer.capacity}", file=sys.stderr)
-    evaluate(run, agent, task, args, "online", 0, RunningMeans())
+    evaluate(run, agent, task, args, "online", 0, run.means)
     state = dict(phase="online", step=0, R_current=None)
     run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
                          buffer=buffer.state_dict(rebuilt=num_offline)), rng, task.env)
@@ -414,7 +414,7 @@ def start_online(agent, buffer, args, run, task, rng, num_offline):
 
 def finetune(agent, buffer, args, run, task, rng, state, num_offline):
     """T environment steps acting by sampling pi, G gradient steps each; one episodes.csv row per episode."""
-    R_current, means = state["R_current"], RunningMeans()
+    R_current, means = state["R_current"], run.means
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0

@@ -60,7 +60,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
 
 METHOD = "balanced_replay"
 
@@ -459,7 +459,7 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
 
 def pretrain(agent, offline, args, run, task, rng, start=0):
     """K gradient steps of TD3+BC with the pessimistic ensemble on uniform batches, alpha = alpha_offline."""
-    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans()
+    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), run.means
     memory = run.config["buffer_bytes"]["offline"]
     if start == 0:
         evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means, buffer_bytes=memory)
@@ -496,7 +496,7 @@ def switch_to_online(agent, offline, args, run, task, rng):
     online, joint = online_buffers(offline, args)
     sizes = ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in run.config["buffer_bytes"].items())
     print(f"switch to online: replay buffers take {sizes}", file=sys.stderr)
-    evaluate(run, agent, task, args, "online", 0, args.alpha_online, RunningMeans(),
+    evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means,
              buffer_bytes=run.config["buffer_bytes"]["total"])
     state = dict(phase="online", step=0, R_current=None)
     run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, online=online.transitions(),
@@ -507,7 +507,7 @@ def switch_to_online(agent, offline, args, run, task, rng):
 def finetune(agent, offline, online, joint, args, run, task, rng, state):
     """T environment steps with exploration noise; the updates of `updates_after` replay from the joint buffer,
     each with a density-ratio step that re-prioritizes the replayed batch. One episodes.csv row per episode."""
-    alpha, means, R_current = torch.tensor(args.alpha_online, device=agent.device), RunningMeans(), state["R_current"]
+    alpha, means, R_current = torch.tensor(args.alpha_online, device=agent.device), run.means, state["R_current"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std, memory = args.exploration_noise * (high - low) / 2, run.config["buffer_bytes"]["total"]
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)

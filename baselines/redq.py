@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing pac
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import ENV_IDS, Task, choose_reference_scores, dataset_path
 from plumbing.recording import EpisodeRecorder
-from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, open_run
 
 METHOD = "redq"
 
@@ -399,7 +399,7 @@ def checkpoint(step, R_episode, agent, buffer, replay, env) -> dict:
 
 def train(agent, buffer, replay, args, run, task, rng, state):
     """T environment steps: warm-up, then G gradient steps per step. Returns (steps done, last score x100)."""
-    env, means, R_episode = task.env, RunningMeans(), state["R_episode"]
+    env, means, R_episode = task.env, run.means, state["R_episode"]
     noise_std = args.exploration_noise * (env.action_space.high - env.action_space.low) / 2
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length, step, score = 0.0, 0, state["step"], None
@@ -474,11 +474,8 @@ def main(args: Args):
     run.log("episodes", EPISODE_COLUMNS)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)
     replay = EpisodeRecorder(args.online_steps, task.env.observation_space, space) if args.export_replay else None
-    state = run.latest
+    state = run.restore(agent, rng, task.env)
     if state is not None:  # resuming where latest.pt left off
-        agent.load_state_dict(state["agent"])
-        agent.num_updates = state["num_updates"]
-        run.restore_rng(rng, task.env)
         space.np_random.bit_generator.state = state["action_space_rng"]  # the warm-up's uniform actions
         buffer.load_state_dict(state["buffer"])
         if replay is not None:
@@ -486,7 +483,7 @@ def main(args: Args):
 
     with run:
         if state is None:  # evaluate the untrained policy, seed the warm-up's uniform actions, save step 0
-            evaluate(run, agent, task, args, 0, RunningMeans())
+            evaluate(run, agent, task, args, 0, run.means)
             space.seed(args.seed)
             state = checkpoint(0, None, agent, buffer, replay, task.env)
             run.save_latest(state, rng, task.env)

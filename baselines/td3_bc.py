@@ -71,7 +71,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, RunningMeans, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, load_pretrained, open_run
 
 METHOD = "td3_bc"
 NUM_CRITICS = 2  # TD3's twin critics
@@ -363,7 +363,7 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
 
 def pretrain(agent, buffer, args, run, task, rng, start=0):
     """K gradient steps of TD3+BC at alpha = alpha_offline."""
-    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), RunningMeans()
+    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), run.means
     if start == 0:
         evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
@@ -384,7 +384,7 @@ def switch_to_online(agent, buffer, args, run, task, rng):
                         torch.Generator().manual_seed(args.seed))
     print(f"switch to online: kept {buffer.size} offline transitions, FIFO capacity {buffer.capacity}",
           file=sys.stderr)
-    evaluate(run, agent, task, args, "online", 0, args.alpha_online, RunningMeans())
+    evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
     state = dict(phase="online", step=0, R_episode=None)
     run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
                          buffer=buffer.state_dict()), rng, task.env)
@@ -393,7 +393,7 @@ def switch_to_online(agent, buffer, args, run, task, rng):
 
 def finetune(agent, buffer, args, run, task, rng, state):
     """TD3 online: act with exploration noise, store, G gradient steps per env step at the fixed alpha_online."""
-    alpha, means, R_episode = torch.tensor(args.alpha_online, device=agent.device), RunningMeans(), state["R_episode"]
+    alpha, means, R_episode = torch.tensor(args.alpha_online, device=agent.device), run.means, state["R_episode"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
@@ -453,11 +453,7 @@ def main(args: Args):
                        action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
-    latest, start = run.latest, run.latest or pretrained  # --load-offline: as the pre-training process would go on
-    if start is not None:
-        agent.load_state_dict(start["agent"])
-        agent.num_updates = start["num_updates"]
-        run.restore_rng(rng, task.env, state=start)
+    latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent
 
     with run:
         if latest is None or latest["phase"] == "offline":

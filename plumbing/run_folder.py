@@ -116,6 +116,7 @@ class RunFolder:
         self.actor_description: dict = {}
         online = latest is not None and latest["phase"] == "online"
         self.clock = (time.monotonic(), latest.get("num_updates", 0) if latest else 0, latest["step"] if online else 0)
+        self.means = RunningMeans(latest.get("means") if latest else None)  # the loss columns' running means
         self.tracker = None
         if config.get("track"):
             from plumbing.tracking import Tracker
@@ -209,7 +210,7 @@ class RunFolder:
 
     def save_latest(self, state: dict, rng: np.random.Generator, env=None) -> None:
         """Write latest.pt (state + every random stream + log lengths); raise Preempted if a stop signal came."""
-        state = {**state, "rng": rng_states(rng, env), "wall_s": self.wall_s(),
+        state = {**state, "rng": rng_states(rng, env), "wall_s": self.wall_s(), "means": self.means.state_dict(),
                  "logs": {name: log.rows for name, log in self.logs.items()}}
         save_torch(self.path / "latest.pt", state)
         self.last_checkpoint = (state["step"], time.monotonic())
@@ -226,7 +227,12 @@ class RunFolder:
         as that process would have). agent: load_state_dict() and num_updates. Returns latest.pt's state."""
         start = self.latest or pretrained
         if start is not None:
-            agent.load_state_dict(start["agent"])
+            try:
+                agent.load_state_dict(start["agent"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                source = "latest.pt" if self.latest else pretrained["path"]
+                raise UsageError(f"{source} does not fit the networks of this run's configuration "
+                                 f"({str(e).strip().splitlines()[0][:160]})") from None
             agent.num_updates = start["num_updates"]
             self.restore_rng(rng, env, state=start)
         return self.latest
@@ -268,8 +274,14 @@ def open_run(args, method: str, task, **info) -> "RunFolder":
 class RunningMeans:
     """Means of a step's metrics since the last pop(), summed on the device: no host sync per step."""
 
-    def __init__(self):
-        self.sums, self.counts = {}, {}
+    def __init__(self, state: dict | None = None):
+        """state: a state_dict(), so a resumed run averages exactly the steps an uninterrupted one would."""
+        state = state or {}
+        self.sums = {key: torch.tensor(total, dtype=torch.float32) for key, (total, _) in state.items()}
+        self.counts = {key: count for key, (_, count) in state.items()}
+
+    def state_dict(self) -> dict:
+        return {key: (float(total), self.counts[key]) for key, total in self.sums.items()}
 
     def add(self, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -309,7 +321,8 @@ def load_pretrained(args, method: str, network_keys) -> dict:
             "path": str(path)}
 
 
-DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps", "ref_min_score", "ref_max_score"]
+# The dataset settings --load-offline takes over (its reference scores follow from the dataset as before).
+DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps"]
 
 
 def lock(path: Path) -> None:
@@ -331,15 +344,13 @@ LOCKS: list[int] = []
 
 
 def check_output_dir(output_dir) -> None:
-    """The output folder exists or can be made, and accepts files: checked before the dataset is loaded."""
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = private_tmp(path / "probe")
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({e.strerror or type(e).__name__})") from None
+    """The output folder is a writable folder, or can be made in one: checked before the dataset is loaded,
+    without creating anything."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({existing} {what})")
 
 
 def check_memory(nbytes: int, what: str) -> None:

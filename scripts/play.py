@@ -111,7 +111,7 @@ def method_script(method) -> Path:
     return path
 
 
-def build_actor(checkpoint: dict, device: torch.device) -> torch.nn.Module:
+def build_actor(checkpoint: dict, device):
     """The policy class of the method's script (imported by path; scripts guard main()), with the stored weights."""
     import torch
 

@@ -1,8 +1,10 @@
 """Shared test helpers: tiny Minari datasets written with Minari's own API, and script runners."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -91,3 +93,28 @@ class FixedActor(nn.Module):
 
     def forward(self, obs):
         return self.actions
+
+
+def start_script(script, *flags, datasets_path, cwd):
+    """Start a script as a user would, without waiting for it (one torch thread, as in run_script)."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(proc, run_parent, phase, min_step, signum=signal.SIGKILL, timeout=120):
+    """Send signum once a run under run_parent has a latest.pt of phase (None: any) at step >= min_step, so
+    the run is somewhere between that checkpoint and the next; wait for it. Returns (step, stdout, stderr)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for latest in run_parent.glob("*/latest.pt"):
+            try:
+                state = torch.load(latest, weights_only=True)
+            except Exception:
+                continue  # not written yet, or replaced while we read it
+            if phase in (None, state["phase"]) and state["step"] >= min_step:
+                proc.send_signal(signum)
+                out, err = proc.communicate(timeout=60)
+                return state["step"], out, err
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended before a {phase or 'any'} checkpoint at step {min_step}")

@@ -3,17 +3,15 @@ density ratio, the priorities, the buffers and the update schedule against numbe
 script end to end as a subprocess with tiny budgets (a run, --load-offline, resume after SIGKILL)."""
 
 import csv
+import functools
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, FixedActor, hopper_episodes, make_minari_dataset, run_script
+from conftest import FixedActor, hopper_episodes, make_minari_dataset, ROOT, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import balanced_replay as br  # noqa: E402
@@ -24,6 +22,8 @@ SCRIPT = "baselines/balanced_replay.py"
 TINY = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 40, "--online-steps", 60,
         "--eval-every", 20, "--eval-episodes", 1, "--utd", 2, "--hidden-dim", 16, "--batch-size", 32,
         "--ratio-hidden-dim", 16, "--ratio-batch-size", 32]
+
+start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
 
 
 def read_csv(path):
@@ -314,36 +314,17 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
             "episode_normalized_return"]
 
 
-def start(*flags, datasets_path, cwd):
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *map(str, flags)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc, run_parent, phase, min_step, timeout=120):
-    """SIGKILL the run once its latest.pt is a checkpoint of phase at step >= min_step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for latest in run_parent.glob("*/latest.pt"):
-            try:
-                state = torch.load(latest, weights_only=True)
-            except Exception:
-                continue  # replaced while we read it
-            if state["phase"] == phase and state["step"] >= min_step:
-                proc.kill()
-                proc.wait()
-                return state["step"]
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended before a {phase} checkpoint at step {min_step}")
 
 
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, tmp_path):
     kw = dict(datasets_path=datasets_path, cwd=tmp_path)
     killed = start(*RESUMABLE, "--output-dir", tmp_path / "b", **kw)
-    kill_when(killed, tmp_path / "b", "offline", 200)  # a real SIGKILL, mid pre-training
+    signal_when(killed, tmp_path / "b", "offline", 200)  # a real SIGKILL, mid pre-training
     reference = start(*RESUMABLE, "--output-dir", tmp_path / "a", **kw)
     (run_b,) = (tmp_path / "b").iterdir()
-    kill_when(start("--resume", run_b, **kw), tmp_path / "b", "online", 100)  # and again mid fine-tuning
+    signal_when(start("--resume", run_b, **kw), tmp_path / "b", "online", 100)  # and again mid fine-tuning
     finished = start("--resume", run_b, **kw)
     _, err = finished.communicate(timeout=300)
     assert finished.returncode == 0, err

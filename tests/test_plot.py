@@ -19,7 +19,6 @@ The fake runs (all on hopper, every number chosen so the arithmetic is easy by h
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys

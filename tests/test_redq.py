@@ -3,11 +3,9 @@ hand-worked numbers; then the script run end to end as a subprocess (a run that 
 back with Minari and replayed through the environment; --stop-at-score; resume after SIGKILL)."""
 
 import csv
+import functools
 import json
-import os
-import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, FixedActor, run_script
+from conftest import FixedActor, ROOT, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import redq  # noqa: E402
@@ -27,6 +25,8 @@ from plumbing.recording import EpisodeRecorder  # noqa: E402
 RUN = ["--online-steps", 900, "--learning-starts", 800, "--eval-every", 300, "--eval-episodes", 1, "--utd", 3,
        "--actor-update-rate", "per-env-step", "--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32,
        "--checkpoint-every", 100, "--rollout-steps", 300]
+
+start = functools.partial(start_script, "baselines/redq.py")  # start(*flags, datasets_path=, cwd=)
 
 
 def read_csv(path):
@@ -253,27 +253,8 @@ def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
 COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "episode_normalized_return"]
 
 
-def start(*flags, datasets_path, cwd):
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "baselines/redq.py"), *map(str, flags)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_in_the_warm_up(proc, run_parent, min_step, timeout=120):
-    """SIGKILL the run once its latest.pt is a checkpoint at step >= min_step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for latest in run_parent.glob("*/latest.pt"):
-            try:
-                step = torch.load(latest, weights_only=True)["step"]
-            except Exception:
-                continue  # replaced while we read it
-            if step >= min_step:
-                proc.kill()
-                proc.wait()
-                return step
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended before a checkpoint at step {min_step}")
 
 
 def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_run, tmp_path, monkeypatch):
@@ -282,7 +263,7 @@ def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_r
     killed = start(*RUN, "--export-replay", "local/hopper/b-v0", "--export-rollouts", "local/hopper/b-rollouts-v0",
                    "--output-dir", tmp_path, **kw)
     # In the warm-up: the uniform actions come from the action space's RNG, which latest.pt holds too.
-    assert kill_in_the_warm_up(killed, tmp_path, 200) < 800
+    assert signal_when(killed, tmp_path, None, 200)[0] < 800
     (run_b,) = tmp_path.iterdir()
     finished = start("--resume", run_b, **kw)
     _, err = finished.communicate(timeout=300)

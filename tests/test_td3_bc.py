@@ -2,17 +2,15 @@
 end to end as a subprocess with tiny budgets (a run, --load-offline, resume after SIGKILL)."""
 
 import csv
+import functools
 import json
-import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, FixedActor, run_script
+from conftest import FixedActor, ROOT, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import td3_bc  # noqa: E402
@@ -24,6 +22,8 @@ RUN = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 
        "--eval-every", 200, "--eval-episodes", 1, "--hidden-dim", 16, "--batch-size", 32, "--utd", 2,
        "--checkpoint-every", 50]
 REF = (-20.272305, 3234.3)  # D4RL's hopper scores: conftest's dataset has none in its metadata
+
+start = functools.partial(start_script, "baselines/td3_bc.py")  # start(*flags, datasets_path=, cwd=)
 
 
 def read_csv(path):
@@ -193,34 +193,15 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
             "episode_normalized_return"]
 
 
-def start(*flags, datasets_path, cwd):
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "baselines/td3_bc.py"), *map(str, flags)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc, run_parent, phase, min_step, timeout=120):
-    """SIGKILL the run once its latest.pt is a checkpoint of phase at step >= min_step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for latest in run_parent.glob("*/latest.pt"):
-            try:
-                state = torch.load(latest, weights_only=True)
-            except Exception:
-                continue  # replaced while we read it
-            if state["phase"] == phase and state["step"] >= min_step:
-                proc.kill()
-                proc.wait()
-                return state["step"]
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended before a {phase} checkpoint at step {min_step}")
 
 
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datasets_path, tmp_path):
     run_a, kw = td3_run[0], dict(datasets_path=datasets_path, cwd=tmp_path)
-    kill_when(start(*RUN, "--output-dir", tmp_path, **kw), tmp_path, "offline", 100)  # a real SIGKILL
+    signal_when(start(*RUN, "--output-dir", tmp_path, **kw), tmp_path, "offline", 100)  # a real SIGKILL
     (run_b,) = tmp_path.iterdir()
-    kill_when(start("--resume", run_b, **kw), tmp_path, "online", 50)  # and again mid fine-tuning
+    signal_when(start("--resume", run_b, **kw), tmp_path, "online", 50)  # and again mid fine-tuning
     finished = start("--resume", run_b, **kw)
     _, err = finished.communicate(timeout=300)
     assert finished.returncode == 0, err
