@@ -16,14 +16,23 @@ machine's fp32 matrix-multiply rate measured in the same run.
 
     python benchmarks/update_speed.py                 # CPU, about a minute
     python benchmarks/update_speed.py --device cuda --compile
+    python benchmarks/update_speed.py --against c151b98   # also the script as it was at a commit (git show)
+
+The script's step is timed as its training loops call it: Agent.update, plus adding the step's metrics
+to the running means of the loss columns.
 """
 
 import argparse
 import copy
+import dataclasses
+import importlib.util
+import inspect
 import itertools
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import redq_adaptive_bc as m  # noqa: E402
 from plumbing.compile import compile_step  # noqa: E402
+from plumbing.run_folder import RunningMeans  # noqa: E402
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper-v5
 
@@ -103,6 +114,23 @@ def matmul_rate(device, size=1024, seconds=1.0):
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
+def script_at(rev, args, low, high, device):
+    """Agent.update of redq_adaptive_bc.py as it was at commit rev, built with the same arguments."""
+    source = subprocess.run(["git", "show", f"{rev}:redq_adaptive_bc.py"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"redq_adaptive_bc_{rev}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = old  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(old)
+    known = {f.name for f in dataclasses.fields(old.Args)}
+    old_args = old.Args(**{k: v for k, v in vars(args).items() if k in known and v is not None})
+    agent = old.Agent(OBS_DIM, ACT_DIM, low, high, old_args, device)
+    takes_m = len(inspect.signature(agent.update).parameters) == 3
+    return (lambda batch, alpha: agent.update(batch, alpha, args.num_min_critics)) if takes_m else agent.update
+
+
 def time_updates(update, batches, alpha, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -121,6 +149,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each implementation (default: 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="time the script's update with --compile too")
+    parser.add_argument("--against", metavar="REV", help="also time Agent.update of redq_adaptive_bc.py at this commit")
     parser.add_argument("--num-critics", type=int, default=10, help="N (default: 10)")
     parser.add_argument("--batch-size", type=int, default=256, help="B (default: 256)")
     parser.add_argument("--hidden-dim", type=int, default=256, help="hidden units (default: 256)")
@@ -147,13 +176,16 @@ def main():
     low, high = -torch.ones(ACT_DIM), torch.ones(ACT_DIM)
     M = args.num_min_critics
     agent = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
-    contenders = {"script": lambda batch, alpha: agent.update(batch, alpha, M),
+    means = RunningMeans()
+    contenders = {"script": lambda batch, alpha: means.add(agent.update(batch, alpha, M)),
                   "plain": PlainREDQBC(OBS_DIM, ACT_DIM, args.num_critics, args.num_min_critics, args.hidden_dim,
                                        device).update}
     if opts.compile:
         compiled = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
         compile_step(compiled)
         contenders["script --compile"] = lambda batch, alpha: compiled.update(batch, alpha, M)
+    if opts.against:
+        contenders[f"script at {opts.against}"] = script_at(opts.against, args, low, high, device)
     for name, update in contenders.items():  # warm-up (and compilation)
         start = time.perf_counter()
         time_updates(update, batches[:10], alpha, device)

@@ -693,3 +693,27 @@ def test_tracker_mirrors_numeric_values_on_one_step_axis(tmp_path, monkeypatch):
     installed.clear()
     with pytest.raises(UsageError, match="--track needs TensorBoard or wandb"):
         tracking.check_tracking()
+
+
+def test_checkpoints_are_due_after_checkpoint_minutes_of_wall_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_folder, "stop_requested", [])
+    clock = [1000.0]
+    monkeypatch.setattr(run_folder.time, "monotonic", lambda: clock[0])
+    run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10 ** 6, "checkpoint_minutes": 2.0})
+    clock[0] += 119.0
+    assert not run.checkpoint_due(5)
+    clock[0] += 1.0  # 2 minutes since the run started
+    assert run.checkpoint_due(5) and not run.checkpoint_due(5, safe=False)  # mid-episode: waits for its end
+    run.save_latest({"phase": "online", "step": 5}, np.random.default_rng(0))
+    assert not run.checkpoint_due(6)  # the clock starts again at each checkpoint
+
+
+def test_config_records_the_git_commit_of_the_code(tmp_path):
+    run = RunFolder.create(tmp_path, "toy", {"method": "toy"})
+    recorded = json.loads((run.path / "config.json").read_text())["git_commit"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert recorded is None  # not a git checkout
+    else:
+        assert recorded.split("-")[0] == head.stdout.strip() and recorded in (head.stdout.strip(),
+                                                                              head.stdout.strip() + "-dirty")

@@ -186,6 +186,20 @@ def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path
     assert optimizer_steps(new_run) == (460, 230)
 
 
+def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
+    """--online-steps 0 (a sweep's pre-training stage): offline.pt, final.pt and actor.pt, no online rows."""
+    proc = run_script("baselines/td3_bc.py", "--dataset", "random", "--random-dataset-steps", 400, "--offline-steps",
+                      40, "--online-steps", 0, "--eval-every", 20, "--eval-episodes", 1, "--hidden-dim", 16,
+                      "--batch-size", 32, "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert {"offline.pt", "final.pt", "actor.pt"} <= {p.name for p in run_dir.iterdir()}
+    assert [(r["phase"], r["step"]) for r in read_csv(run_dir / "progress.csv")] == [
+        ("offline", "0"), ("offline", "20"), ("offline", "40")]
+    assert not read_csv(run_dir / "episodes.csv") and "switch to online" not in proc.stderr
+    assert optimizer_steps(run_dir) == optimizer_steps(run_dir, "offline.pt") == (40, 20)
+
+
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
 # The loss columns average the steps since the previous row, and a resumed process starts its average at the
 # checkpoint: they are left out. Scores depend on every step before them.
