@@ -1,5 +1,6 @@
 """Shared test helpers: tiny Minari datasets written with Minari's own API, and script runners."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -118,3 +119,17 @@ def signal_when(proc, run_parent, phase, min_step, signum=signal.SIGKILL, timeou
                 return state["step"], out, err
         time.sleep(0.02)
     raise AssertionError(f"the run ended before a {phase or 'any'} checkpoint at step {min_step}")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_networks(run_a, run_b, parts):
+    """The final.pt networks of two runs are equal bit for bit."""
+    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
+    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
+    for part in parts:
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)

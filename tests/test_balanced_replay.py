@@ -2,7 +2,6 @@
 density ratio, the priorities, the buffers and the update schedule against numbers worked out by hand, then the
 script end to end as a subprocess with tiny budgets (a run, --load-offline, resume after SIGKILL)."""
 
-import csv
 import functools
 import json
 import math
@@ -11,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import FixedActor, hopper_episodes, make_minari_dataset, ROOT, run_script, signal_when, start_script
+from conftest import (assert_same_networks, FixedActor, hopper_episodes, make_minari_dataset, read_csv, ROOT,
+                      run_script, signal_when, start_script)
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import balanced_replay as br  # noqa: E402
@@ -24,11 +24,6 @@ TINY = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps",
         "--ratio-hidden-dim", 16, "--ratio-batch-size", 32]
 
 start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def optimizer_steps(run_dir, parts=("critic", "actor", "ratio")):
@@ -314,10 +309,6 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
             "episode_normalized_return"]
 
 
-
-
-
-
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, tmp_path):
     kw = dict(datasets_path=datasets_path, cwd=tmp_path)
     killed = start(*RESUMABLE, "--output-dir", tmp_path / "b", **kw)
@@ -334,10 +325,6 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, 
     assert [r["phase"] for r in rows_b] == ["offline"] * 5 + ["online"] * 3
     assert [[r[c] for c in COMPARED] for r in rows_b] == [[r[c] for c in COMPARED] for r in rows_a]
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
-    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
-    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
-    for part in ("actor", "critic", "actor_target", "critic_target", "ratio"):
-        for key, value in final_a[part].items():
-            assert torch.equal(value, final_b[part][key]), (part, key)
+    assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target", "ratio"))
     # Blocks of 50 over 300 steps, the first x10: 500 + 5 x 50 = 750 updates after 600 offline ones.
     assert optimizer_steps(run_b) == optimizer_steps(run_a) == (1350, 675, 750)

@@ -2,7 +2,6 @@
 hand-worked numbers; then the script run end to end as a subprocess (a run that exports both datasets, loaded
 back with Minari and replayed through the environment; --stop-at-score; resume after SIGKILL)."""
 
-import csv
 import functools
 import json
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FixedActor, ROOT, run_script, signal_when, start_script
+from conftest import assert_same_networks, FixedActor, read_csv, ROOT, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import redq  # noqa: E402
@@ -27,11 +26,6 @@ RUN = ["--online-steps", 900, "--learning-starts", 800, "--eval-every", 300, "--
        "--checkpoint-every", 100, "--rollout-steps", 300]
 
 start = functools.partial(start_script, "baselines/redq.py")  # start(*flags, datasets_path=, cwd=)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def optimizer_steps(agent_state):
@@ -253,10 +247,6 @@ def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
 COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "episode_normalized_return"]
 
 
-
-
-
-
 def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_run, tmp_path, monkeypatch):
     run_a, _, datasets = redq_run
     kw = dict(datasets_path=datasets, cwd=tmp_path)
@@ -271,11 +261,7 @@ def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_r
     rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
     assert [[r[c] for c in COMPARED] for r in rows_b] == [[r[c] for c in COMPARED] for r in rows_a]
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
-    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
-    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
-    for part in ("actor", "critic", "actor_target", "critic_target"):
-        for key, value in final_a[part].items():
-            assert torch.equal(value, final_b[part][key]), (part, key)
+    assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target"))
     # The exported replay holds every step exactly once, the same as the uninterrupted run's.
     episodes_b = check_dataset("local/hopper/b-v0", datasets, 900, seed=0, monkeypatch=monkeypatch)
     episodes_a = check_dataset("local/hopper/medium-replay-v0", datasets, 900, seed=0, monkeypatch=monkeypatch)

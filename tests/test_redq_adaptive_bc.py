@@ -4,7 +4,6 @@ initialization), then whole runs on conftest's 400-step Hopper dataset: in this 
 with another in-process run (cheap, and both use the same torch threads), as a subprocess where what a user
 sees matters (exit statuses, signals, --resume)."""
 
-import csv
 import functools
 import json
 import math
@@ -22,18 +21,14 @@ import torch.nn as nn
 from pytest import approx
 
 import redq_adaptive_bc as m
-from conftest import FixedActor, hopper_episodes, make_minari_dataset, run_script, signal_when, spaces, start_script, TINY
+from conftest import (FixedActor, hopper_episodes, make_minari_dataset, read_csv, run_script, signal_when, spaces,
+                      start_script, TINY)
 from plumbing.cli import STOP_SIGNALS, TrainingDiverged, check_run_args, parse_args, run_main
 from plumbing.compile import compile_step
 from plumbing.run_folder import RunningMeans
 
 HOPPER_REF = (-20.272305, 3234.3)  # D4RL's random / expert returns: the 400-step dataset has no metadata scores
 TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def tiny(*extra):
@@ -871,8 +866,6 @@ RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-st
              "--batch-size", 32, "--keep-min", 100, "--checkpoint-every", 25]
 
 
-
-
 def start(datasets_path, cwd, *flags):
     return start_script("redq_adaptive_bc.py", *flags, datasets_path=datasets_path, cwd=cwd)
 
@@ -882,8 +875,6 @@ def latest_state(run_dir):
         return torch.load(run_dir / "latest.pt", weights_only=True)
     except Exception:
         return None  # not written yet, or replaced while we read it
-
-
 
 
 def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(datasets_path, tmp_path):

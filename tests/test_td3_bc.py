@@ -1,7 +1,6 @@
 """baselines/td3_bc.py: what differs from the main script, checked with hand-worked numbers, then the script run
 end to end as a subprocess with tiny budgets (a run, --load-offline, resume after SIGKILL)."""
 
-import csv
 import functools
 import json
 import sys
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FixedActor, ROOT, run_script, signal_when, start_script
+from conftest import assert_same_networks, FixedActor, read_csv, ROOT, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import td3_bc  # noqa: E402
@@ -24,11 +23,6 @@ RUN = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 
 REF = (-20.272305, 3234.3)  # D4RL's hopper scores: conftest's dataset has none in its metadata
 
 start = functools.partial(start_script, "baselines/td3_bc.py")  # start(*flags, datasets_path=, cwd=)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def optimizer_steps(run_dir, name="final.pt"):
@@ -207,10 +201,6 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
             "episode_normalized_return"]
 
 
-
-
-
-
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datasets_path, tmp_path):
     run_a, kw = td3_run[0], dict(datasets_path=datasets_path, cwd=tmp_path)
     signal_when(start(*RUN, "--output-dir", tmp_path, **kw), tmp_path, "offline", 100)  # a real SIGKILL
@@ -222,9 +212,5 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datase
     rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
     assert [[r[c] for c in COMPARED] for r in rows_b] == [[r[c] for c in COMPARED] for r in rows_a]
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
-    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
-    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
-    for part in ("actor", "critic", "actor_target", "critic_target"):
-        for key, value in final_a[part].items():
-            assert torch.equal(value, final_b[part][key]), (part, key)
+    assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target"))
     assert optimizer_steps(run_b) == (800, 400)
