@@ -289,6 +289,8 @@ def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets
                 datasets and meta["dataset"] not in datasets and meta["dataset"] != SCRATCH
             ):
                 continue  # filtered out, not broken: say nothing
+            if config.get("online_steps") == 0:
+                continue  # a pre-training run (--online-steps 0) of a pre-train-once sweep: its fine-tunes are drawn
             runs.append(load_run(folder, metric, meta, config))
         except SkipRun as e:
             print(f"skipping {folder}: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -82,7 +82,7 @@ class Args(RunArgs):
     offline_steps: int = 1_000_000
     """K, offline gradient steps (paper: 1M)"""
     online_steps: int = 250_000
-    """T, online environment steps (paper: 250k)"""
+    """T, online environment steps (paper: 250k; 0 = pre-train only)"""
     learning_rate: float = 3e-4
     """Adam learning rate of actor and critics (Table 1: 3e-4)"""
     batch_size: int = 256
@@ -124,10 +124,10 @@ class Args(RunArgs):
 
 
 def check_args(args: Args) -> None:
-    check_ranges(args, positive=["offline_steps", "online_steps", "batch_size", "policy_freq", "hidden_layers",
-                                 "hidden_dim", "utd", "learning_rate", "buffer_size"],
-                 non_negative=["policy_noise", "noise_clip", "exploration_noise", "keep_min", "alpha_offline",
-                               "alpha_online"],
+    check_ranges(args, positive=["offline_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim", "utd",
+                                 "learning_rate", "buffer_size"],
+                 non_negative=["online_steps", "policy_noise", "noise_clip", "exploration_noise", "keep_min",
+                               "alpha_offline", "alpha_online"],
                  fraction=["keep_ratio", "tau"], finite=["gamma"])
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
@@ -461,13 +461,15 @@ def main(args: Args):
             buffer.add(**data)
             if pretrained is None:
                 pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
-            buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
+            if args.online_steps > 0:  # 0: pre-train only (offline.pt, final.pt, actor.pt)
+                buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
         else:
             buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)
             buffer.load_state_dict(latest["buffer"])
             state = latest
         del data  # the buffer holds the only copy
-        finetune(agent, buffer, args, run, task, rng, state)
+        if args.online_steps > 0:
+            finetune(agent, buffer, args, run, task, rng, state)
         run.finish(agent.state_dict(), agent.actor.state_dict())
 
 

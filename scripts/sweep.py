@@ -1,22 +1,24 @@
 """Sweeps: run a grid of training runs on this machine (--workers K) or as Slurm job arrays (--slurm FILE).
 
-A sweep is methods x variants x envs x datasets x seeds, one run each. A method is a project script
-(METHODS) or any script's path. --variant and --extra flags go to the scripts as they are: a script rejects
-a flag it lacks (exit status 2), and a local sweep then starts no more runs. --figure N is the recipe for
-the paper's Figure N (FIGURES). With --pretrain-once (the figures' default) a method's first variant is an
-ordinary full run (no script has a pre-train-only flag) and its other variants fine-tune that run's agent:
-`--load-offline <sweep>/runs/task_<j>` in commands.txt stands for <the finished run in task_j>/offline.pt.
-Locally such a run waits for task j; on Slurm, <stem>.submit.sh submits FILE for the other runs, then once
-per fine-tuning variant as an array whose task j starts when task j has succeeded (aftercorr).
+A sweep is methods x variants x envs x datasets x seeds. A method is a project script (METHODS) or any script's
+path. --variant and --extra flags go to the scripts as they are: a script rejects a flag it lacks (exit status 2),
+and a local sweep then starts no more runs. --figure N is the recipe for the paper's Figure N (FIGURES).
+
+--pretrain-once (the figures' default): per method, env, dataset and seed, one pre-train-only run per set of
+pre-training flags (PRETRAINING; other flags count as fine-tuning only): --extra and --extra-for less --online-steps,
+those flags, then --online-steps 0. Every variant, the default included, is then its command plus `--load-offline
+<sweep>/runs/task_<j>` (task j's finished run), with the same pre-training values, as --load-offline requires.
+Variants that change pre-training otherwise (--num-min-critics M < N, M != 2) need --no-pretrain-once; redq (no
+offline phase) and figure groups with chain=False run whole. A fine-tune waits for its pre-training; on Slurm,
+<stem>.submit.sh submits FILE for the rest, then per fine-tuning slot k an array, its task j after task j (aftercorr).
 
     python scripts/sweep.py --figure 3 --seeds 0 --workers 2 --extra "--offline-steps 1000 --online-steps 1000"
     python scripts/sweep.py --methods redq_adaptive_bc my/method.py --variant "" --variant "--utd 10" --dry-run
     python scripts/sweep.py --figure 3 --slurm fig3.sbatch --gpus 1 --setup "module load cuda"; bash fig3.submit.sh
 
-The sweep folder (--sweep-dir) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/;
-a task that starts again finds its run there (final.pt: done; unfinished: continued with --resume). Slurm
-tasks run with HF_HUB_OFFLINE=1 (fetch or build the datasets first) and get SIGUSR1 two minutes before their
-time limit: the batch shell passes it on, the run saves latest.pt and exits 138, and the task requeues itself.
+The sweep folder (--sweep-dir) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/; a
+restarted task finds its run there (final.pt: done; else --resume). Slurm tasks run with HF_HUB_OFFLINE=1 (datasets
+must be local) and get SIGUSR1 2 minutes before their time limit: the run saves latest.pt, exits 138 and requeues.
 """
 
 import argparse
@@ -28,39 +30,47 @@ import subprocess
 import sys
 import time
 from collections import Counter, namedtuple
-from itertools import count, groupby
+from itertools import count, groupby, product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"redq_adaptive_bc": "redq_adaptive_bc.py", "td3_bc": "baselines/td3_bc.py", "redq": "baselines/redq.py",
            "awac": "baselines/awac.py", "balanced_replay": "baselines/balanced_replay.py"}
 RESERVED = ("--env", "--dataset", "--seed", "--output-dir", "--resume")  # set by the sweep for every run
+# Pre-training flags: what --load-offline takes over (dataset, offline-steps, NETWORK_KEYS), then offline update knobs
+PRETRAINING = set("""dataset-id random-dataset-steps offline-steps hidden-dim hidden-layers activation num-critics
+    critic-init alpha-offline actor-hidden-layers state-dependent-std log-std-min log-std-max num-groups group-size
+    ensemble ratio-hidden-dim ratio-hidden-layers min-over-all-offline authors-code learning-rate batch-size tau gamma
+    policy-noise noise-clip policy-freq delay-target-updates critic-loss-reduction actor-weight-decay lam
+    target-update-period normalize-weights max-weight num-action-samples""".split())
 PAPER_ENVS = ("hopper", "halfcheetah", "walker2d")
 PAPER_DATASETS = ("random", "medium", "medium-replay", "medium-expert")  # the paper leaves out Expert
+Run = namedtuple("Run", "index argv label after")  # after: the task whose pre-trained agent it fine-tunes
+# plan: () -> (argv, note), argv None when already complete; FileNotFoundError: it cannot start. after:
+# the index of the job that must succeed first. status: ok, failed, complete, skipped, interrupted, not started.
+Job = namedtuple("Job", "name plan log label after", defaults=("", None))
+Result = namedtuple("Result", "job status returncode seconds", defaults=(None, 0.0))
+seconds = lambda s: f"{s:.1f}s" if s < 60 else f"{s / 60:.1f}m" if s < 3600 else f"{s / 3600:.1f}h"  # noqa: E731
 
-# A method's variants ("" = its defaults). chain: with --pretrain-once, variants[1:] fine-tune variants[0]'s
-# agent, so pre-training happens once per env, dataset and seed. datasets: instead of the sweep's.
+# A method's variants ("" = its defaults); chain: --pretrain-once applies (else whole runs); datasets: not the sweep's
 Group = namedtuple("Group", "method variants chain datasets", defaults=(("",), False, ()))
 Figure = namedtuple("Figure", "title groups datasets envs plot", defaults=(PAPER_DATASETS, PAPER_ENVS, ""))
 FIGURES = {
-    1: Figure("TD3+BC with fixed alpha_online, pre-trained once", (Group("td3_bc", tuple(
+    1: Figure("TD3+BC with fixed alpha_online, fine-tuning one pre-training", (Group("td3_bc", tuple(
         f"--alpha-online {a}" for a in ("0.0", "0.1", "0.3")), True),), ("medium",),
         plot="--methods td3_bc --label-by alpha_online --out plots/fig1"),
-    2: Figure("the method vs peers, which also run at its G = 20 (--utd 20, fine-tuning their G = 1 run's agent); "
-              "REDQ from scratch once per env and seed", (Group("redq_adaptive_bc"), *(Group(m, ("", "--utd 20"), True)
-              for m in ("td3_bc", "awac", "balanced_replay")), Group("redq", datasets=("scratch",))),
-              plot="--out plots/fig2"),
-    3: Figure("adaptive vs fixed alpha_online; the fixed ones fine-tune the adaptive run's agent", (Group(
+    2: Figure("the method vs peers, which also run at its G = 20 (--utd 20); REDQ from scratch once per env and seed", (
+        Group("redq_adaptive_bc"), *(Group(m, ("", "--utd 20"), True) for m in ("td3_bc", "awac", "balanced_replay")),
+        Group("redq", datasets=("scratch",))), plot="--out plots/fig2"),
+    3: Figure("adaptive vs fixed alpha_online, all fine-tuning one pre-training", (Group(
         "redq_adaptive_bc", ("",) + tuple(f"--no-adaptive-bc --alpha-online {a}" for a in ("0.0", "0.1", "0.2", "0.3")),
         True),), plot="--methods redq_adaptive_bc --label-by adaptive_bc alpha_online --out plots/fig3"),
-    4: Figure("TD3-ft with and without downsampling, pre-trained once", (Group(
+    4: Figure("TD3-ft with and without downsampling, fine-tuning one pre-training", (Group(
         "td3_bc", ("--keep-ratio 1.0", "--keep-ratio 0.05"), True),), ("random",),
         plot="--methods td3_bc --datasets random --label-by keep_ratio --out plots/fig4"),
-    5: Figure("uses of the ensemble (hopper). --num-min-critics 10 (min over all ten critics) acts in fine-tuning "
-              "only, the authors' scope and the script's default (--min-over-all-offline: in pre-training too), so "
-              "it fine-tunes the default run's agent; N = M = 2 pre-trains its own", (
-                  Group("redq_adaptive_bc", ("", "--num-min-critics 10"), True),
-                  Group("redq_adaptive_bc", ("--num-critics 2 --num-min-critics 2",))), envs=("hopper",),
+    5: Figure("uses of the ensemble (hopper); the min over all ten critics (--num-min-critics 10) acts in fine-tuning "
+              "only (the authors' scope)", (Group("redq_adaptive_bc", ("", "--num-min-critics 10",
+              "--num-critics 2 --num-min-critics 2"), True),), envs=("hopper",),
               plot="--methods redq_adaptive_bc --envs hopper --label-by num_critics num_min_critics --out plots/fig5"),
 }
 
@@ -87,36 +97,42 @@ def display_path(path, root):
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-Run = namedtuple("Run", "index argv label after")  # after: the task whose pre-trained agent it fine-tunes
-
-
 def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
-    """Every run, seed first (a sweep stopped half-way has whole panels for its first seeds): the runs needing no
-    pre-trained agent, then the fine-tunes, whose argv ends in --load-offline runs/task_<their pre-training>."""
+    """Every run, seed first (a sweep stopped half-way has whole panels for its first seeds): pre-trainings and
+    whole runs, then the fine-tunes, whose argv ends in --load-offline runs/task_<their pre-training>."""
     runs = []
 
-    def add(seed, group, variant, env, dataset, after=None):
-        script = display_path(root / METHODS[group.method] if group.method in METHODS else group.method, root)
-        method, i = Path(script).stem, len(runs)
-        argv = ["python", script, "--env", env, "--dataset", dataset, "--seed", str(seed), *extra.get("", []),
-                *extra.get(method, []), *flags(variant, "--variant"), "--output-dir", f"{runs_dir}/task_{i}"]
-        argv += [] if after is None else ["--load-offline", f"{runs_dir}/task_{after}"]
-        label = " ".join(filter(None, [method, f"{env}-{dataset} seed {seed}", variant]))
-        runs.append(Run(i, argv, label + ("" if after is None else f" (fine-tunes task {after})"), after))
+    def keep(tokens, test):
+        """The flags of a flag list (which starts with one), with their values, whose names pass test."""
+        starts = [i for i, token in enumerate(tokens) if token.startswith("--")] + [len(tokens)]
+        return [t for i, j in zip(starts, starts[1:]) if test(tokens[i][2:].split("=")[0].removeprefix("no-"))
+                for t in tokens[i:j]]
+
+    def add(seed, script, env, dataset, tokens, note, after=None):
+        i, load = len(runs), [] if after is None else ["--load-offline", f"{runs_dir}/task_{after}"]
+        argv = ["python", script, "--env", env, "--dataset", dataset, "--seed", str(seed), *tokens, "--output-dir",
+                f"{runs_dir}/task_{i}", *load]
+        label = [Path(script).stem, f"{env}-{dataset} seed {seed}", note, load and f"(fine-tunes task {after})"]
+        runs.append(Run(i, argv, " ".join(filter(None, label)), after))
         return i
 
     for seed in seeds:
-        firsts = []
+        tunes, pretrainings = [], {}  # (script, env, dataset, pre-training flags): its task
         for group in groups:
-            chained = pretrain_once and group.chain
-            for variant in group.variants[:1] if chained else group.variants:
-                for env in envs:
-                    for dataset in group.datasets or datasets:
-                        i = add(seed, group, variant, env, dataset)
-                        firsts += [(group, env, dataset, i)] if chained else []
-        for group, env, dataset, i in firsts:
-            for variant in group.variants[1:]:
-                add(seed, group, variant, env, dataset, after=i)
+            script = display_path(root / METHODS[group.method] if group.method in METHODS else group.method, root)
+            common = [*extra.get("", []), *extra.get(Path(script).stem, [])]
+            for env, dataset, variant in product(envs, group.datasets or datasets, group.variants):
+                tokens = common + flags(variant, "--variant")
+                if not (pretrain_once and group.chain and Path(script).stem != "redq"):  # redq: no offline phase
+                    add(seed, script, env, dataset, tokens, variant)
+                    continue
+                pre = keep(tokens[len(common):], PRETRAINING.__contains__)
+                if (key := (script, env, dataset, *pre)) not in pretrainings:
+                    base = keep(common, lambda name: name != "online-steps") + pre + ["--online-steps", "0"]
+                    pretrainings[key] = add(seed, script, env, dataset, base, shlex.join(["pre-training", *pre]))
+                tunes.append((seed, script, env, dataset, tokens, variant, pretrainings[key]))
+        for tune in tunes:
+            add(*tune)
     return runs
 
 
@@ -135,13 +151,6 @@ def plan(argv, root):
             raise FileNotFoundError(f"no finished run in {argv[-1]} to fine-tune")
         argv[-1] = str(done[-1] / "offline.pt")
     return argv, ""
-
-
-# plan: () -> (argv, note), argv None when already complete; FileNotFoundError: it cannot start. after:
-# the index of the job that must succeed first. status: ok, failed, complete, skipped, interrupted, not started.
-Job = namedtuple("Job", "name plan log label after", defaults=("", None))
-Result = namedtuple("Result", "job status returncode seconds", defaults=(None, 0.0))
-seconds = lambda s: f"{s:.1f}s" if s < 60 else f"{s / 60:.1f}m" if s < 3600 else f"{s / 3600:.1f}h"  # noqa: E731
 
 
 def child_environ(workers, environ=None, cores=None):
@@ -174,7 +183,6 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
                     results[i] = Result(job, "complete", 0)
                     say(f"{job.name} already complete ({note})")
                     continue
-                Path(job.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as log:
                     log.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(argv)}\n")
                     log.flush()
@@ -233,11 +241,9 @@ def ranges(indices):
 
 def slurm_files(args, name, sweep, root, runs):
     """{path: text} of FILE, a job array whose tasks ask this file what to run (--task), and <stem>.submit.sh, which
-    submits FILE for the runs needing no pre-trained agent, then once per fine-tuning variant k (SWEEP_SLOT=k)."""
+    submits FILE for the pre-trainings and whole runs, then once per fine-tuning slot k (SWEEP_SLOT=k)."""
     q, minari, limit = shlex.quote, os.environ.get("MINARI_DATASETS_PATH"), f"%{args.workers}" if args.workers else ""
-    finetunes = {}
-    for r in runs:
-        finetunes.setdefault(r.after, []).append(r.index)
+    finetunes = {after: [r.index for r in runs if r.after == after] for after in dict.fromkeys(r.after for r in runs)}
     firsts, sbatch_file = finetunes.pop(None), q(str(Path(args.slurm).resolve()))
     options = [f"--job-name={name}", f"--array={ranges(firsts)}{limit}", f"--output={sweep}/logs/slurm-%A_%a.out",
                "--open-mode=append", "--requeue", "--signal=B:USR1@120", f"--cpus-per-task={args.cpus or 2}"]
@@ -253,19 +259,16 @@ PYTHON=${{PYTHON:-{q(args.python or sys.executable)}}}
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}} HF_HUB_OFFLINE=1
 {f"export MINARI_DATASETS_PATH={q(minari)}" if minari else "# (MINARI_DATASETS_PATH was not set)"}
 # --signal=B:USR1 (time limit near) reaches this shell only: pass it, and SIGTERM, on to the run; then requeue.
-child=""; stop=""
-forward() {{ stop=$1; if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null; fi; }}
+child=""; stop=""; forward() {{ stop=$1; if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null; fi; }}
 trap 'forward USR1' USR1; trap 'forward TERM' TERM
 "$PYTHON" {task} & child=$!  # it writes logs/task_<i>.log, then becomes the training script
 if [ -n "$stop" ]; then kill -s "$stop" "$child"; fi
 wait "$child"; rc=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done  # a trapped signal interrupts wait
-if [ "$stop" = USR1 ] && [ $rc -ne 0 ]; then
-    echo "requeued to resume in a new allocation"; scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-fi
+[ "$stop" = USR1 ] && [ $rc -ne 0 ] && echo requeued && scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID"
 exit $rc
 """
-    submit = ["#!/bin/bash", f"# {name}: {len(firsts)} runs, then {len(runs) - len(firsts)} fine-tunes of them",
+    submit = ["#!/bin/bash", f"# {name}: {len(firsts)} runs, then {len(runs) - len(firsts)} fine-tunes",
               "set -euo pipefail", f'first=$(sbatch --parsable {sbatch_file}); first=${{first%%;*}}; echo "job $first"']
     for k in range(max(map(len, finetunes.values()), default=0)):
         submit.append(f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name={name}-ft{k} --array="
@@ -305,8 +308,7 @@ def parse_args(argv=None):
     add("--variant", action="append", metavar="FLAGS", help='one variant\'s flags ("" = defaults), repeatable')
     add("--extra", action="append", default=[], metavar="FLAGS", help="flags for every run")
     add("--extra-for", nargs=2, action="append", default=[], metavar=("METHOD", "FLAGS"), help="flags for one method")
-    add("--pretrain-once", action=argparse.BooleanOptionalAction, help="the first variant's run pre-trains, the "
-        "others fine-tune its agent with --load-offline (default: on with --figure)")
+    add("--pretrain-once", action=argparse.BooleanOptionalAction, help="pre-train, then fine-tune (default: figures)")
     add("--sweep-dir", metavar="DIR", help="default: runs/sweeps/<name>-<date>-<time>; an earlier one continues it")
     add("--workers", type=int, metavar="K", help="runs at a time (default: 1; Slurm: the arrays' %%K)")
     add("--status-every", type=float, default=5.0, metavar="SEC", help="seconds between status lines (default: 5)")
@@ -339,9 +341,8 @@ def build(args):
         groups = [Group(m, tuple(args.variant or [""]), True) for m in args.methods]
     else:
         raise UsageError("give --figure N or --methods M ...")
-    for g in groups:
-        if not (root / METHODS[g.method] if g.method in METHODS else Path(g.method)).is_file():
-            raise UsageError(f"method {g.method!r}: no such script (methods: {', '.join(METHODS)}, or a path)")
+    for g in [g for g in groups if not (root / METHODS[g.method] if g.method in METHODS else Path(g.method)).is_file()]:
+        raise UsageError(f"method {g.method!r}: no such script (methods: {', '.join(METHODS)}, or a path)")
     if any(v is not None and v < 1 for v in (args.workers, args.cpus)):
         raise UsageError("--workers and --cpus must be positive")
     extra = {"": flags(" ".join(args.extra), "--extra")}
@@ -367,8 +368,8 @@ def main(argv=None):
     except (UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    root, fine = Path(args.root).resolve(), sum(r.after is not None for r in runs)
-    head = f"{name}: {len(runs)} runs, {fine} of them fine-tune another's agent; sweep folder {sweep}"
+    root, fine, pre = Path(args.root).resolve(), sum(r.after is not None for r in runs), {r.after for r in runs}
+    head = f"{name}: {len(runs)} runs, {len(pre - {None})} pre-train only, {fine} fine-tune; sweep folder {sweep}"
     if args.dry_run:
         print(f"# {head}\n{text}# plot (from {root}): {plot}")
         return 0

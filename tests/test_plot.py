@@ -464,3 +464,17 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     assert (tmp_path / "runs" / "plots" / "episodes.png").exists()
     rows = [ln.split(",") for ln in (tmp_path / "runs" / "plots" / "curves.csv").read_text().splitlines()[1:]]
     assert {r[7] for r in rows} == {"2"}  # every point averages both runs
+
+
+def test_pre_training_runs_of_a_sweep_are_left_out_quietly(tmp_path, capsys):
+    # A pre-train-once sweep's first stage (--online-steps 0) has offline rows only; its fine-tunes are drawn.
+    pre = with_config(write_run(tmp_path, "hopper-medium__td3_bc__0__1", offline=[(0, 5), (1000, 9)],
+                                method="td3_bc"), online_steps=0)
+    fine = with_config(write_run(tmp_path, "hopper-medium__td3_bc__0__2", online=[(0, 9), (100, 12)], method="td3_bc"),
+                       online_steps=100, load_offline=str(pre))
+    runs = plot.load_runs([tmp_path])
+    assert [Path(run.folder) for run in runs] == [fine]
+    assert "skipping" not in capsys.readouterr().err
+    broken = write_run(tmp_path, "hopper-medium__td3_bc__1__3", offline=[(0, 5)], method="td3_bc", seed=1)
+    plot.load_runs([tmp_path])
+    assert f"skipping {broken}: no online rows yet" in capsys.readouterr().err  # a run still pre-training

@@ -1,11 +1,13 @@
 """scripts/sweep.py: the figures' recipes, flags passed through (and a bad one's exit status 2 stopping
-the sweep), pre-training once then fine-tuning locally and on Slurm (the generated files, run with bash
-as Slurm would, with stand-ins for sbatch and scontrol), resume, and an interrupted sweep. Nothing here
-trains: a stub script writes run folders as the training scripts do."""
+the sweep), pre-training once (--online-steps 0) per set of pre-training flags, then every variant fine-tuning
+from it, locally and on Slurm (the generated files, run with bash as Slurm would, with stand-ins for sbatch and
+scontrol), resume, and an interrupted sweep. Nothing here trains: a stub script writes run folders as the
+training scripts do."""
 
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,19 +22,27 @@ spec = importlib.util.spec_from_file_location("sweep", SWEEP)
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
 
-# A training script's outside: rejects unknown flags with exit 2 before any work; writes
+# A training script's outside: rejects unknown flags with exit 2 before any work, and so does --load-offline
+# given another --hidden-dim than its pre-training's (as the scripts' NETWORK_KEYS); writes
 # <output-dir>/<env>-<dataset>__<name>__<seed>__<time>/ with config.json, then offline.pt and final.pt;
 # --resume RUN continues RUN; SIGTERM/SIGUSR1 save latest.pt and exit 128 + signal. It appends its
 # argv and start/end times to <run>/calls.jsonl. STUB_SLEEP: seconds to run.
 STUB = r'''
 import json, os, signal, sys, time
 start, argv, got = time.time(), sys.argv[1:], []
-known = {"--env", "--dataset", "--seed", "--output-dir", "--resume", "--load-offline", "--steps", "--utd", "--fail"}
+known = {"--env", "--dataset", "--seed", "--output-dir", "--resume", "--load-offline", "--steps", "--utd", "--fail",
+         "--online-steps", "--hidden-dim"}
 bad = [a for a in argv if a.startswith("--") and a not in known]
 if bad:
     print(f"error: unknown flag {bad[0]}", file=sys.stderr)
     sys.exit(2)
 opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+if "--load-offline" in opts:
+    pre = json.load(open(os.path.join(os.path.dirname(opts["--load-offline"]), "config.json")))
+    pre = {pre[i]: pre[i + 1] for i in range(len(pre) - 1) if pre[i].startswith("--")}
+    if opts.get("--hidden-dim", pre.get("--hidden-dim")) != pre.get("--hidden-dim"):
+        print("error: --load-offline: pre-trained with another --hidden-dim", file=sys.stderr)
+        sys.exit(2)
 if "--resume" in opts:
     run = opts["--resume"]
 else:
@@ -81,33 +91,61 @@ def option(argv, flag):
 # ---------------------------------------------------------------- the figures
 
 
-@pytest.mark.parametrize("n,total,fine", [(1, 45, 30), (2, 435, 180), (3, 300, 240), (4, 30, 15), (5, 60, 20)])
-def test_figure_run_counts(n, total, fine):
+def pre_trainings(runs):
+    return {r.after for r in runs} - {None}
+
+
+@pytest.mark.parametrize("n,total,pre,fine,whole", [(1, 60, 15, 45, 45), (2, 615, 180, 360, 435),
+                                                    (3, 360, 60, 300, 300), (4, 45, 15, 30, 30), (5, 100, 40, 60, 60)])
+def test_figure_run_counts(n, total, pre, fine, whole):
     runs = runs_of("--figure", str(n))
-    assert (len(runs), sum(r.after is not None for r in runs)) == (total, fine)
+    assert (len(runs), len(pre_trainings(runs)), sum(r.after is not None for r in runs)) == (total, pre, fine)
     assert [r.argv[-1] if r.after is None else r.argv[-3] for r in runs] == [
         f"/tmp/sweep-test-unused/runs/task_{i}" for i in range(total)]
-    assert len(runs_of("--figure", str(n), "--no-pretrain-once")) == total
-    assert not any("--load-offline" in r.argv for r in runs_of("--figure", str(n), "--no-pretrain-once"))
+    assert len(runs_of("--figure", str(n), "--no-pretrain-once")) == whole
+    assert not any({"--load-offline", "--online-steps"} & set(r.argv)
+                   for r in runs_of("--figure", str(n), "--no-pretrain-once"))
 
 
-def test_figure_fine_tunes_load_their_own_pre_training():
-    """Every fine-tune names the task of the same method, env, dataset and seed whose run is the group's first
-    variant: Fig. 3's fixed alphas fine-tune the adaptive run, Fig. 5's M = 10 the default run, Fig. 2's G = 20
-    peers their G = 1 run."""
-    for n, first, tuned in [(1, ["--alpha-online", "0.0"], {"--alpha-online"}), (3, [], {"--no-adaptive-bc"}),
-                            (4, ["--keep-ratio", "1.0"], {"--keep-ratio"}), (5, [], {"--num-min-critics"}),
-                            (2, [], {"--utd"})]:
+def test_figure_variants_all_fine_tune_their_group_s_pre_training():
+    """A pre-training is the script, env, dataset and seed with its group's pre-training flags and --online-steps 0;
+    every variant of a pre-trained figure group, the default one included, fine-tunes the pre-training of the same
+    method, env, dataset and seed: Fig. 5's M = 10 shares the default's, N = M = 2 has its own."""
+    alphas = [["--no-adaptive-bc", "--alpha-online", a] for a in ("0.0", "0.1", "0.2", "0.3")]
+    expected = {1: {(): [["--alpha-online", a] for a in ("0.0", "0.1", "0.3")]}, 3: {(): [[], *alphas]},
+                4: {(): [["--keep-ratio", "1.0"], ["--keep-ratio", "0.05"]]}, 2: {(): [[], ["--utd", "20"]]},
+                5: {(): [[], ["--num-min-critics", "10"]],
+                    ("--num-critics", "2"): [["--num-critics", "2", "--num-min-critics", "2"]]}}
+    for n, groups in expected.items():
         runs = runs_of("--figure", str(n))
-        for r in (r for r in runs if r.after is not None):
-            pre = runs[r.after]
-            assert option(r.argv, "--load-offline") == option(pre.argv, "--output-dir") and pre.after is None
-            assert pre.argv[1:8] == r.argv[1:8] and pre.argv[8:-2] == first  # script, env, dataset, seed; variant
-            assert tuned & set(r.argv)
-    fig5 = runs_of("--figure", "5")
-    assert {option(r.argv, "--num-min-critics") for r in fig5 if r.after is not None} == {"10"}
-    assert all(r.after is None for r in fig5 if "--num-critics" in r.argv)  # N = 2 pre-trains its own
-    assert not any("--min-over-all-offline" in r.argv for r in fig5)  # the authors' scope: fine-tuning only
+        for p in pre_trainings(runs):
+            pre, tunes = runs[p], [r for r in runs if r.after == p]
+            assert pre.after is None and pre.argv[-4:-2] == ["--online-steps", "0"]
+            assert [r.argv[8:-4] for r in tunes] == groups[tuple(pre.argv[8:-4])]
+            for r in tunes:
+                assert option(r.argv, "--load-offline") == option(pre.argv, "--output-dir") and r.index > p
+                assert r.argv[1:8] == pre.argv[1:8]  # script, env, dataset, seed
+        whole = [r for r in runs if r.after is None and r.index not in pre_trainings(runs)]
+        assert {r.argv[1] for r in whole} <= ({"redq_adaptive_bc.py", "baselines/redq.py"} if n == 2 else set())
+    assert not any("--min-over-all-offline" in r.argv for r in runs_of("--figure", "5"))  # the authors' scope
+
+
+def test_pre_training_flags_group_variants_and_online_steps_0_wins():
+    """A variant's PRETRAINING flags (here --hidden-dim, --no-delay-target-updates) choose its pre-training, which
+    gets every run's flags, --online-steps (even as --online-steps=60) left out, then --online-steps 0; the
+    fine-tunes get everything. REDQ from scratch has no offline phase: its variants run whole."""
+    variants = [[], ["--alpha-online", "0.1"], ["--hidden-dim", "8", "--utd", "2"], ["--no-delay-target-updates"]]
+    runs = runs_of("--methods", "td3_bc", "--seeds", "0", "--pretrain-once",
+                   "--extra=--online-steps=60 --batch-size 32", "--extra-for", "td3_bc", "--eval-every 20",
+                   *(f"--variant={shlex.join(v)}" for v in variants))
+    common = ["--batch-size", "32", "--eval-every", "20"]
+    assert [r.argv[8:-2] for r in runs if r.after is None] == [
+        [*common, *flags, "--online-steps", "0"] for flags in ([], variants[2][:2], variants[3])]
+    tunes = [r for r in runs if r.after is not None]
+    assert [r.after for r in tunes] == [0, 0, 1, 2]
+    assert [r.argv[8:-4] for r in tunes] == [["--online-steps=60", *common, *flags] for flags in variants]
+    assert not any({"--load-offline", "--online-steps"} & set(r.argv) for r in runs_of(
+        "--methods", "redq", "--pretrain-once", "--variant", "", "--variant", "--utd 5"))
 
 
 def test_figure_2_scratch_once_per_env_and_seed_and_g_matched_rows():
@@ -116,9 +154,11 @@ def test_figure_2_scratch_once_per_env_and_seed_and_g_matched_rows():
     assert sorted(scratch) == sorted({(e, str(s)) for e in sweep.PAPER_ENVS for s in range(5)})  # 15, no duplicate
     assert {option(r.argv, "--dataset") for r in runs if "baselines/redq.py" in r.argv} == {"scratch"}
     for script in ("baselines/td3_bc.py", "baselines/awac.py", "baselines/balanced_replay.py"):
-        rows = [r for r in runs if script in r.argv]
-        assert len(rows) == 2 * 60 and sum(option(r.argv, "--utd") == "20" for r in rows) == 60
-    assert not any("--utd" in r.argv for r in runs if "redq_adaptive_bc.py" in r.argv)
+        rows = [r for r in runs if script in r.argv]  # a pre-training, then G = 1 and G = 20 fine-tunes
+        assert len(rows) == 3 * 60 and sum(option(r.argv, "--utd") == "20" for r in rows) == 60
+        assert sum(option(r.argv, "--online-steps") == "0" for r in rows) == 60
+    assert not any({"--utd", "--online-steps", "--load-offline"} & set(r.argv) for r in runs
+                   if "redq_adaptive_bc.py" in r.argv)  # the method's runs are whole
     assert len([r for r in runs if "redq_adaptive_bc.py" in r.argv]) == 60
 
 
@@ -129,20 +169,22 @@ def test_figure_flags_are_the_scripts_own():
 
     modules = {}
     for n in sweep.FIGURES:
-        for r in runs_of("--figure", str(n), "--seeds", "0", "--envs", "hopper", "--datasets", "medium"):
+        runs = runs_of("--figure", str(n), "--seeds", "0", "--envs", "hopper", "--datasets", "medium")
+        for r in runs:
             if r.argv[1] not in modules:
                 spec_ = importlib.util.spec_from_file_location(f"sweep_check_{Path(r.argv[1]).stem}", ROOT / r.argv[1])
                 modules[r.argv[1]] = sys.modules[spec_.name] = importlib.util.module_from_spec(spec_)
                 spec_.loader.exec_module(modules[r.argv[1]])
             parsed = tyro.cli(modules[r.argv[1]].Args, args=r.argv[2:])
             assert (parsed.env, parsed.seed, parsed.load_offline is None) == ("hopper", 0, r.after is None)
+            assert (parsed.online_steps == 0) == (r.index in pre_trainings(runs))
     assert len(modules) == 5
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
     assert sweep.main(["--figure", "4", "--seeds", "0", "--dry-run", "--sweep-dir", str(tmp_path / "sw")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len([line for line in lines if line.startswith("python ")]) == 6 and not (tmp_path / "sw").exists()
+    assert len([line for line in lines if line.startswith("python ")]) == 9 and not (tmp_path / "sw").exists()
     assert lines[-1].endswith(f"python plot.py {tmp_path}/sw/runs/ --methods td3_bc --datasets random "
                               "--label-by keep_ratio --out plots/fig4")
 
@@ -193,30 +235,43 @@ def test_a_bad_flag_fails_the_first_run_with_exit_2_and_stops_the_sweep(stub, tm
 
 
 def test_pre_train_once_locally(stub, tmp_path, capsys, monkeypatch):
-    """Each fine-tune starts after its pre-training has finished and gets that run's offline.pt; a failed
-    pre-training skips its fine-tunes."""
+    """One pre-train-only run (--online-steps 0 wins over --extra's) per env and set of pre-training flags, then
+    every variant fine-tunes it: each starts after its pre-training has finished and gets that run's offline.pt,
+    with the same --hidden-dim (the stub, as the scripts, exits 2 otherwise). A failed pre-training skips its
+    fine-tunes."""
     monkeypatch.setenv("STUB_SLEEP", "0.3")
     sd = tmp_path / "sw"
     args = ["--methods", str(stub), "--envs", "hopper", "walker2d", "--seeds", "0", "--variant", "", "--variant",
-            "--utd 20", "--variant", "--utd 5", "--pretrain-once", "--workers", "4", "--sweep-dir", str(sd)]
+            "--utd 20", "--variant", "--hidden-dim 8 --utd 5", "--extra", "--online-steps 7", "--pretrain-once",
+            "--workers", "4", "--sweep-dir", str(sd)]
     assert sweep.main(args) == 0
     commands = (sd / "commands.txt").read_text().splitlines()
-    assert [c.split("--load-offline ")[-1] if "--load-offline" in c else None for c in commands] == [
-        None, None, f"{sd}/runs/task_0", f"{sd}/runs/task_0", f"{sd}/runs/task_1", f"{sd}/runs/task_1"]
-    for i, pre in [(2, 0), (3, 0), (4, 1), (5, 1)]:
+    assert [c.split("--load-offline ")[-1] if "--load-offline" in c else None for c in commands] == [None] * 4 + [
+        f"{sd}/runs/task_{j}" for j in (0, 0, 1, 2, 2, 3)]
+    for pre, hidden in [(0, None), (1, "8"), (2, None), (3, "8")]:
+        (_, call), = calls(sd / "runs" / f"task_{pre}")
+        assert call["argv"].count("--online-steps") == 1 and option(call["argv"], "--online-steps") == "0"
+        assert option(call["argv"], "--hidden-dim") == hidden and "--utd" not in call["argv"]
+    for i, pre, utd in [(4, 0, None), (5, 0, "20"), (6, 1, "5"), (7, 2, None), (8, 2, "20"), (9, 3, "5")]:
         (pre_run, pre_call), = calls(sd / "runs" / f"task_{pre}")
         (_, call), = calls(sd / "runs" / f"task_{i}")
         assert call["start"] >= pre_call["end"]
         assert option(call["argv"], "--load-offline") == str(pre_run / "offline.pt")
+        assert (option(call["argv"], "--online-steps"), option(call["argv"], "--utd")) == ("7", utd)
+    default_run = calls(sd / "runs" / "task_0")[0][0]
+    mixed = subprocess.run([sys.executable, str(stub), "--env", "hopper", "--dataset", "medium", "--seed", "0",
+                            "--hidden-dim", "8", "--load-offline", str(default_run / "offline.pt"), "--output-dir",
+                            str(tmp_path / "mixed")], capture_output=True, text=True)
+    assert mixed.returncode == 2 and "another --hidden-dim" in mixed.stderr  # what a wrong grouping would meet
     capsys.readouterr()
     assert sweep.main(args) == 0
-    assert capsys.readouterr().out.splitlines()[-2] == "6 runs: 6 complete"
+    assert capsys.readouterr().out.splitlines()[-2] == "10 runs: 10 complete"
 
     monkeypatch.setenv("STUB_SLEEP", "0")
-    failing = ["--methods", str(stub), "--seeds", "0", "--variant=--fail", "--variant", "--utd 20",
+    failing = ["--methods", str(stub), "--seeds", "0", "--extra=--fail", "--variant", "", "--variant", "--utd 20",
                "--pretrain-once", "--sweep-dir", str(tmp_path / "sw2")]
     assert sweep.main(failing) == 1
-    assert capsys.readouterr().out.splitlines()[-2] == "2 runs: 1 failed, 1 skipped"
+    assert capsys.readouterr().out.splitlines()[-2] == "3 runs: 1 failed, 2 skipped"
 
 
 def test_interrupted_sweep_stops_its_runs_with_sigterm(stub, tmp_path):
@@ -244,15 +299,16 @@ def test_child_environ_omp_threads():
 
 @pytest.fixture
 def slurm_sweep(stub, tmp_path, monkeypatch):
-    """A two-stage sweep written for Slurm (2 pre-trainings, 2 fine-tunes each), and a bin/ folder with
-    stand-ins for sbatch (prints job id 77) and scontrol, which log their arguments to slurm.log."""
+    """A two-stage sweep written for Slurm (per env and seed, a pre-training fine-tuned twice, and a --hidden-dim 8
+    pre-training fine-tuned once), and a bin/ folder with stand-ins for sbatch (prints job id 77) and scontrol,
+    which log their arguments to slurm.log."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari data"))
     sd, file = tmp_path / "sw", tmp_path / "job" / "fig.sbatch"
     file.parent.mkdir()
     assert sweep.main(["--methods", str(stub), "--envs", "hopper", "walker2d", "--seeds", "0", "1", "--variant", "",
-                       "--variant", "--utd 20",
-                       "--variant", "--utd 5", "--pretrain-once", "--sweep-dir", str(sd), "--slurm", str(file),
-                       "--setup", "echo setup-ran", "--gpus", "1", "--time", "1:00:00", "--workers", "3"]) == 0
+                       "--variant", "--utd 20", "--variant", "--hidden-dim 8", "--pretrain-once", "--sweep-dir",
+                       str(sd), "--slurm", str(file), "--setup", "echo setup-ran", "--gpus", "1", "--time", "1:00:00",
+                       "--workers", "3"]) == 0
     (tmp_path / "bin").mkdir()
     for tool, reply in (("sbatch", "echo 77"), ("scontrol", "")):
         (tmp_path / "bin" / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {tmp_path}/slurm.log\n{reply}\n')
@@ -271,10 +327,13 @@ def task_env(tmp_path, task, slot=None, **extra):
     return {**env, "SWEEP_SLOT": str(slot)} if slot is not None else env
 
 
+SLOT_ARRAYS = ["0-3,10-13%3", "0,2,10,12%3"]  # slot 0: every pre-training; slot 1: those with a second fine-tune
+
+
 def test_slurm_files(slurm_sweep):
     sd, file, tmp_path = slurm_sweep
     lines = file.read_text().splitlines()
-    for line in ["#SBATCH --array=0-1,6-7%3", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+    for line in ["#SBATCH --array=0-3,10-13%3", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
                  "#SBATCH --gres=gpu:1", "#SBATCH --time=1:00:00", "echo setup-ran",
                  f"PYTHON=${{PYTHON:-{sys.executable}}}", f"export MINARI_DATASETS_PATH='{tmp_path}/minari data'"]:
         assert line in lines
@@ -284,41 +343,50 @@ def test_slurm_files(slurm_sweep):
     assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
     submit = (tmp_path / "job" / "fig.submit.sh").read_text()
     assert f"first=$(sbatch --parsable {file})" in submit
-    for k in (0, 1):
+    for k, array in enumerate(SLOT_ARRAYS):
         assert (f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name=sweep-ft{k} "
-                f"--array=0-1,6-7%3 --export=ALL,SWEEP_SLOT={k} {file}") in submit
+                f"--array={array} --export=ALL,SWEEP_SLOT={k} {file}") in submit
     for script in (file, tmp_path / "job" / "fig.submit.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert subprocess.run(["bash", str(tmp_path / "job" / "fig.submit.sh")], env=task_env(tmp_path, 0),
                           capture_output=True).returncode == 0
     assert (tmp_path / "slurm.log").read_text().splitlines() == [f"sbatch --parsable {file}"] + [
-        f"sbatch --dependency=aftercorr:77 --kill-on-invalid-dep=yes --job-name=sweep-ft{k} --array=0-1,6-7%3 "
-        f"--export=ALL,SWEEP_SLOT={k} {file}" for k in (0, 1)]
+        f"sbatch --dependency=aftercorr:77 --kill-on-invalid-dep=yes --job-name=sweep-ft{k} --array={array} "
+        f"--export=ALL,SWEEP_SLOT={k} {file}" for k, array in enumerate(SLOT_ARRAYS)]
 
 
 def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
-    """Runs the sbatch script with bash as Slurm would: pre-training task 1, its second fine-tune (slot 1);
-    then task 6 (seed 1's pre-training) gets SIGUSR1 as at the time limit, requeues itself, and resumes."""
+    """Runs the sbatch script with bash as Slurm would. Seed 0: tasks 0-3 pre-train (hopper, hopper --hidden-dim 8,
+    walker2d, walker2d --hidden-dim 8), 4-9 fine-tune (task 2's are 7 and 8, task 3's is 9). Pre-training task 2,
+    its second fine-tune (slot 1); task 3 and its only one (slot 0); then task 10 (seed 1's first pre-training) gets
+    SIGUSR1 as at the time limit, requeues itself, and resumes."""
     sd, file, tmp_path = slurm_sweep
-    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 1), timeout=60).returncode == 0
-    (pre_run, _), = calls(sd / "runs" / "task_1")
-    log = (sd / "logs" / "task_1.log").read_text().splitlines()  # the task's own log, as a local sweep writes
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2), timeout=60).returncode == 0
+    (pre_run, pre_call), = calls(sd / "runs" / "task_2")
+    assert option(pre_call["argv"], "--online-steps") == "0" and "--hidden-dim" not in pre_call["argv"]
+    log = (sd / "logs" / "task_2.log").read_text().splitlines()  # the task's own log, as a local sweep writes
     assert log[0].startswith("=== ") and log[-1].startswith(f"+ {sys.executable} {stub_of(sd)} --env walker2d")
-    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 1, slot=1), timeout=60).returncode == 0
-    (_, call), = calls(sd / "runs" / "task_5")  # seed 0: tasks 0-1 pre-train, 2-5 fine-tune (1's are 4 and 5)
-    assert option(call["argv"], "--utd") == "5" and option(call["argv"], "--load-offline") == str(pre_run / "offline.pt")
-    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 1, slot=2), capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2, slot=1), timeout=60).returncode == 0
+    (_, call), = calls(sd / "runs" / "task_8")
+    assert option(call["argv"], "--utd") == "20"
+    assert option(call["argv"], "--load-offline") == str(pre_run / "offline.pt")
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2, slot=2), capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3), timeout=60).returncode == 0
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=0), timeout=60).returncode == 0
+    (_, call), = calls(sd / "runs" / "task_9")
+    assert option(call["argv"], "--hidden-dim") == "8" and "/task_3/" in option(call["argv"], "--load-offline")
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=1), capture_output=True).returncode == 2
 
-    task = subprocess.Popen(["bash", str(file)], env=task_env(tmp_path, 6, STUB_SLEEP="60"))
+    task = subprocess.Popen(["bash", str(file)], env=task_env(tmp_path, 10, STUB_SLEEP="60"))
     deadline = time.time() + 30
-    while time.time() < deadline and not list(sd.glob("runs/task_6/*/pid")):
+    while time.time() < deadline and not list(sd.glob("runs/task_10/*/pid")):
         time.sleep(0.05)
     task.send_signal(signal.SIGUSR1)  # --signal=B:USR1 signals the batch shell only
     assert task.wait(timeout=30) == 128 + signal.SIGUSR1
-    (run, call), = calls(sd / "runs" / "task_6")
+    (run, call), = calls(sd / "runs" / "task_10")
     assert call["signals"] == [signal.SIGUSR1] and (run / "latest.pt").exists()
-    assert (tmp_path / "slurm.log").read_text().splitlines()[-1] == "scontrol requeue 77_6"
-    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 6), timeout=60).returncode == 0  # requeued
-    assert calls(sd / "runs" / "task_6")[-1][1]["argv"] == ["--resume", str(run)] and (run / "final.pt").exists()
-    again = subprocess.run(["bash", str(file)], env=task_env(tmp_path, 6), timeout=60)
-    assert again.returncode == 0 and "complete: " in (sd / "logs" / "task_6.log").read_text()
+    assert (tmp_path / "slurm.log").read_text().splitlines()[-1] == "scontrol requeue 77_10"
+    assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 10), timeout=60).returncode == 0  # requeued
+    assert calls(sd / "runs" / "task_10")[-1][1]["argv"] == ["--resume", str(run)] and (run / "final.pt").exists()
+    again = subprocess.run(["bash", str(file)], env=task_env(tmp_path, 10), timeout=60)
+    assert again.returncode == 0 and "complete: " in (sd / "logs" / "task_10.log").read_text()
