@@ -45,7 +45,7 @@ from plumbing.cli import (RunArgs, UsageError, check_ranges, pick_device, progre
                           seed_everything)
 from plumbing.compile import compile_step
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
 
 METHOD = "redq_adaptive_bc"
 
@@ -148,9 +148,8 @@ def check_args(args: Args) -> None:
     if not 0 <= args.gamma <= 1 or not 0 <= args.target_return <= 2:
         raise UsageError(f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
                          f"got {args.gamma} and {args.target_return}")
-    weights = (args.num_critics + 1) * args.hidden_dim * (args.hidden_dim * args.hidden_layers + 400)  # roughly
-    transition = 2 * 105 + 8 + 2  # floats of (s, a, r, s', terminal) in Ant-v5, the largest of the four tasks
-    check_memory(4 * (4 * weights + transition * max(args.online_steps, args.buffer_size or 0)), "networks and buffer")
+    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers,
+                   transitions=max(args.online_steps, args.buffer_size or 0))
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, check_run_size, load_pretrained, open_run
 
 METHOD = "awac"
 
@@ -130,6 +130,8 @@ def check_args(args: Args) -> None:
                  finite=["gamma", "log_std_min", "log_std_max"])
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_run_size(args.num_critics + 2, args.hidden_dim, max(args.hidden_layers, args.actor_hidden_layers),
+                   args.online_steps)
     if not args.normalize_weights and args.max_weight is None:
         raise UsageError("--no-normalize-weights needs --max-weight: raw exp(A/lambda) overflows without a clip")
     if not args.log_std_min < args.log_std_max:

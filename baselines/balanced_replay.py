@@ -60,7 +60,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, check_run_size, load_pretrained, open_run
 
 METHOD = "balanced_replay"
 
@@ -141,6 +141,8 @@ def check_args(args: Args) -> None:
                                "alpha_online"], fraction=["tau"], finite=["gamma"])
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_run_size(args.num_groups * args.group_size + 3, max(args.hidden_dim, args.ratio_hidden_dim),
+                   args.hidden_layers, transitions=0)  # the buffers are checked against the dataset's size later
     if args.priority_min >= args.priority_max:
         raise UsageError(f"--priority-min {args.priority_min} must be below --priority-max {args.priority_max}")
     if not 0 < args.init_online_fraction < 1:
@@ -570,7 +572,6 @@ def main(args: Args):
     capacity = {"offline": size, "online": args.online_steps, "prioritized": size + args.online_steps}
     run = open_run(args, METHOD, task, dataset_transitions=size, buffer_bytes=memory, buffer_capacity=capacity,
                    pretrained_from=pretrained and pretrained["path"])
-
     device, rng = pick_device(args.device), seed_everything(args.seed)
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
     run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),

@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing pac
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import ENV_IDS, Task, choose_reference_scores, dataset_path
 from plumbing.recording import EpisodeRecorder
-from plumbing.run_folder import PROGRESS_COLUMNS, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, open_run
 
 METHOD = "redq"
 
@@ -140,6 +140,7 @@ def check_args(args: Args) -> None:
                          f"(N={args.num_critics})")
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers, args.buffer_size or args.online_steps)
     choose_reference_scores(args.env, args.ref_min_score, args.ref_max_score)  # rejects min >= max
     # An id that cannot be written fails now, not after a day of training (a finished run wrote them itself).
     finished = args.resume is not None and (Path(args.resume) / "final.pt").exists()

@@ -71,7 +71,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.datasets import check_transitions, open_task
-from plumbing.run_folder import PROGRESS_COLUMNS, load_pretrained, open_run
+from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
 
 METHOD = "td3_bc"
 NUM_CRITICS = 2  # TD3's twin critics
@@ -131,6 +131,7 @@ def check_args(args: Args) -> None:
                  fraction=["keep_ratio", "tau"], finite=["gamma"])
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_run_size(NUM_CRITICS + 1, args.hidden_dim, args.hidden_layers, args.online_steps + (args.buffer_size or 0))
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def args_from_run(Args, method: str, run_dir):
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"--resume: {run_dir} is not a run folder (no readable config.json: {type(e).__name__})") from None
+        raise UsageError(f"--resume: {run_dir} is not a run folder (no readable config.json: "
+                         f"{type(e).__name__})") from None
     if not isinstance(config, dict) or config.get("method") != method:
         found = config.get("method") if isinstance(config, dict) else None
         raise UsageError(f"--resume: {run_dir} is a run of {found or 'an unknown method'}, not {method}")

@@ -182,7 +182,8 @@ class RunFolder:
         """A progress.csv row: an evaluation's returns and normalized scores (x100), the losses averaged since the
         previous row, the speeds since then. A non-finite loss stops the run (TrainingDiverged, exit status 1)."""
         self.logs["progress"].write(dict(phase=phase, step=step, normalized_score=float(np.mean(scores)),
-                                         normalized_score_std=float(np.std(scores)), return_mean=float(np.mean(returns)),
+                                         normalized_score_std=float(np.std(scores)),
+                                         return_mean=float(np.mean(returns)),
                                          **losses, **self.speed(updates, env_steps), **extra))
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(f"a loss became non-finite ({losses}) at {phase} step {step}")
@@ -353,6 +354,14 @@ def check_output_dir(output_dir) -> None:
         raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({existing} {what})")
 
 
+def check_run_size(num_networks: int, hidden_dim: int, hidden_layers: int, transitions: int) -> None:
+    """A rough upper bound of what a run allocates, checked before any work: num_networks MLPs (weights,
+    Adam's two moments and a target copy) and a replay buffer of Ant-v5-sized transitions, the largest of
+    the four tasks (s, a, r, s', terminal: 2 x 105 + 8 + 2 floats)."""
+    weights = num_networks * hidden_dim * (hidden_dim * hidden_layers + 400)
+    check_memory(4 * (4 * weights + 220 * transitions), "the networks and the replay buffer")
+
+
 def check_memory(nbytes: int, what: str) -> None:
     """Fail before any work when nbytes of buffers and networks cannot fit in this machine's free memory
     (host memory: the dataset passes through it on every device)."""
@@ -362,7 +371,8 @@ def check_memory(nbytes: int, what: str) -> None:
     except (OSError, StopIteration, ValueError):
         return  # not Linux: let the allocation decide
     if nbytes > free:
-        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but this machine has {free / 2 ** 30:.1f} GiB free")
+        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but this machine has "
+                         f"{free / 2 ** 30:.1f} GiB free")
 
 
 # ---------------------------------------------------------------------------------------

@@ -272,8 +272,8 @@ def test_rejected_before_any_work(tmp_path):
     huge = 10 ** 12  # by the estimate (Ant-sized transitions, 880 bytes each) far beyond any machine
     runs = tmp_path / "runs"
     cases = {
-        "online steps": (["--online-steps", huge, "--output-dir", runs], "networks and buffer need about"),
-        "hidden dim": (["--hidden-dim", 10 ** 9, "--output-dir", runs], "networks and buffer need about"),
+        "online steps": (["--online-steps", huge, "--output-dir", runs], "the networks and the replay buffer need about"),
+        "hidden dim": (["--hidden-dim", 10 ** 9, "--output-dir", runs], "the networks and the replay buffer need about"),
         "file as output dir": (["--output-dir", tmp_path / "a_file"], f"--output-dir {tmp_path / 'a_file'} cannot"),
         "output dir in a file": (["--output-dir", tmp_path / "a_file" / "runs"], "cannot hold run folders"),
         "traversal": (["--dataset-id", "local/../../../x/random-300steps-v0", "--output-dir", runs],
@@ -377,12 +377,14 @@ def method_run_folder(script, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def every_script(datasets_path, tmp_path_factory):
-    """--seed -1 and --resume of a folder with a damaged latest.pt, for every script, all started at once."""
+    """--seed -1, --hidden-dim 10**9 and --resume of a folder with a damaged latest.pt, for every script, all started
+    at once."""
     tmp = tmp_path_factory.mktemp("every_script")
     cases, folders, setup_errors = {}, {}, {}
     for script in SCRIPTS:
         name = Path(script).stem
         cases[("seed", script)] = (script, "--seed", -1, "--output-dir", tmp / "runs" / name)
+        cases[("huge", script)] = (script, "--hidden-dim", 10 ** 9, "--output-dir", tmp / "runs" / name)
         try:
             folders[script] = method_run_folder(script, tmp / "resume" / name)
             cases[("latest", script)] = (script, "--resume", folders[script])
@@ -397,6 +399,13 @@ def every_script(datasets_path, tmp_path_factory):
 def test_every_script_rejects_a_negative_seed(every_script, script):
     tmp, results, *_ = every_script
     usage_error(results[("seed", script)], "--seed must be in [0, 2**32), got -1", alone=True)
+    assert not (tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_rejects_networks_that_cannot_fit_before_any_work(every_script, script):
+    tmp, results, *_ = every_script
+    usage_error(results[("huge", script)], "the networks and the replay buffer need about", alone=True)
     assert not (tmp / "runs").exists()
 
 
