@@ -315,6 +315,8 @@ def open_task(args) -> Task:
     env, eval_env = make_envs(dataset, dataset_id, args.env)
     env_name = dataset_env_name(dataset, dataset_id, args.env)
     ref_min, ref_max, source = reference_scores(dataset, env_name, args.ref_min_score, args.ref_max_score)
+    if args.resume:  # config.json holds the values resolved when the run started (and their source)
+        source = f"{args.resume}/config.json"
     print(f"{dataset_id}: {dataset.total_steps} steps in {dataset.total_episodes} episodes; {env.spec.id}; "
           f"reference scores {ref_min:.6g} (0) / {ref_max:.6g} (100) from {source}", file=sys.stderr)
     return Task(dataset_id, dataset, env, eval_env, env_name, dataset_name_of(dataset_id), (ref_min, ref_max), source)

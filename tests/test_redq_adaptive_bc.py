@@ -889,6 +889,7 @@ def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(dataset
     moment = latest_state(run_b)["step"] + draw.randrange(25, 150)
     _, _, err = signal_when(resumed, tmp_path / "b", "offline", moment, signal.SIGTERM)  # preempted, still offline
     assert resumed.returncode == 143 and "Traceback" not in err, (seed, err)
+    assert f"reference scores -20.2723 (0) / 3234.3 (100) from {run_b}/config.json" in err  # not "from flags"
     assert err.strip().splitlines()[-1] == "stopped by SIGTERM: latest.pt is saved; continue with --resume <run folder>"
     assert latest_state(run_b)["phase"] == "offline" and latest_state(run_b)["step"] >= moment
     resumed = start(datasets_path, tmp_path, "--resume", run_b)
