@@ -498,7 +498,8 @@ NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "num_critics", "cri
 
 def main(args: Args):
     pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
-    check_args(args)  # again: the settings taken from the pre-training run must fit the other flags
+    if pretrained is not None:
+        check_args(args)  # again: the settings taken from the pre-training run must fit the other flags
     task = open_task(args)
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)

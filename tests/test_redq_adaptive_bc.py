@@ -788,6 +788,15 @@ def test_load_offline_refuses_a_conflicting_network_flag(paired, datasets_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_load_offline_checks_m_against_the_pre_trained_n(paired, datasets_path, monkeypatch, capsys, tmp_path):
+    # pre has N = 3 critics (taken over by --load-offline); M = 5 fits the default N = 10 but not the agent's 3.
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
+    status, lines = cli(monkeypatch, capsys, "--load-offline", paired.pre, "--num-min-critics", 5, "--online-steps", 5,
+                        "--eval-episodes", 1, "--keep-min", 100, "--output-dir", tmp_path)
+    assert status == 2 and lines == ["error: --num-min-critics M=5 exceeds --num-critics N=3"]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------
 # In-process runs: walker2d-random, R_last's start, a diverging run
 # ---------------------------------------------------------------------------------------
