@@ -92,8 +92,7 @@ class CsvLog:
         self.file.flush()
         self.rows += 1
         if self.echo and not sys.stderr.isatty():
-            print(" ".join(f"{k}={fmt(row[k])}" for k in self.echo if k in row),
-                  file=sys.stderr, flush=True)
+            print(" ".join(f"{k}={fmt(row[k])}" for k in self.echo if k in row), file=sys.stderr, flush=True)
         if self.tracker is not None:
             self.tracker.log(self.path.stem, row)
 
@@ -153,10 +152,6 @@ class RunFolder:
         if latest is not None and not {"phase", "step", "logs", "wall_s", "rng"} <= latest.keys():
             raise UsageError(f"--resume: {path / 'latest.pt'} is not a resumable state of this project")
         return cls(path, config, latest, resumed=True)
-
-    @property
-    def finished(self) -> bool:
-        return (self.path / "final.pt").exists()
 
     def __enter__(self):
         return self
@@ -218,10 +213,6 @@ class RunFolder:
         if stop_requested:
             raise Preempted(stop_requested[0])
 
-    def restore_rng(self, rng: np.random.Generator, env=None, state: dict | None = None) -> None:
-        """Continue the random streams saved in latest.pt (or in state, e.g. a pre-trained offline.pt)."""
-        set_rng_states((state or self.latest)["rng"], rng, env)
-
     def restore(self, agent, rng: np.random.Generator, env, pretrained: dict | None = None) -> dict | None:
         """Where training starts: latest.pt's agent, update count and random streams (--resume), else the agent
         of --load-offline with the random streams its pre-training process ended with (so fine-tuning continues
@@ -235,7 +226,7 @@ class RunFolder:
                 raise UsageError(f"{source} does not fit the networks of this run's configuration "
                                  f"({str(e).strip().splitlines()[0][:160]})") from None
             agent.num_updates = start["num_updates"]
-            self.restore_rng(rng, env, state=start)
+            set_rng_states(start["rng"], rng, env)
         return self.latest
 
     def save_offline(self, agent: dict, num_updates: int, rng: np.random.Generator) -> None:
