@@ -90,9 +90,27 @@ TABLE_COLUMNS = [  # (key in summarize_run's dict, table header)
 
 SCRATCH = "scratch"  # the dataset of a run without offline data (REDQ from scratch): drawn in every panel
 # config.json keys that say where or how a run ran, not what it computed: never split curves.
-BOOKKEEPING = {"seed", "output_dir", "resume", "device", "git_commit", "versions", "host", "hostname",
-               "pretrained_from", "load_offline", "run_name", "exp_name", "track", "checkpoint_every",
-               "checkpoint_minutes", "compile", "ref_source", "start_time", "timestamp"}
+BOOKKEEPING = {
+    "seed",
+    "output_dir",
+    "resume",
+    "device",
+    "git_commit",
+    "versions",
+    "host",
+    "hostname",
+    "pretrained_from",
+    "load_offline",
+    "run_name",
+    "exp_name",
+    "track",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "compile",
+    "ref_source",
+    "start_time",
+    "timestamp",
+}
 BOOKKEEPING_SUFFIXES = ("_dir", "_path", "_time")
 
 
@@ -173,8 +191,12 @@ def read_meta(folder, config=None):
     config = read_config(folder) if config is None else config
     from_name = parse_folder_name(folder)
     meta = {}
-    for key, config_keys in (("method", ["method"]), ("env", ["env_name", "env"]),
-                             ("dataset", ["dataset_name", "dataset"]), ("seed", ["seed"])):
+    for key, config_keys in (
+        ("method", ["method"]),
+        ("env", ["env_name", "env"]),
+        ("dataset", ["dataset_name", "dataset"]),
+        ("seed", ["seed"]),
+    ):
         values = [config.get(k) for k in config_keys if config.get(k) not in (None, "")]
         meta[key] = values[0] if values else from_name.get(key)
     if SCRATCH in (config.get("dataset"), config.get("dataset_name")):
@@ -199,7 +221,7 @@ def read_csv(path, name="progress.csv"):
         with open(path, newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SkipRun(f"{name} unreadable ({getattr(e, 'strerror', None) or e})")
+        raise SkipRun(f"{name} unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not text.strip():
         raise SkipRun(f"{name} is empty")
     if not text.endswith("\n"):  # still being written: the last line may be cut anywhere
@@ -223,7 +245,7 @@ def to_float(text, column, line, name="progress.csv"):
     try:
         return float(text)
     except ValueError:
-        raise SkipRun(f"{name} line {line}: {column}={text!r} is not a number")
+        raise SkipRun(f"{name} line {line}: {column}={text!r} is not a number") from None
 
 
 def load_run(folder, metric="normalized_score", meta=None, config=None):
@@ -255,8 +277,18 @@ def load_run(folder, metric="normalized_score", meta=None, config=None):
         raise SkipRun(f"no {metric} values in the online rows")
     offline_values = value[(phase == "offline") & ~np.isnan(value)]
     return Run(
-        folder, meta["method"], meta["env"], meta["dataset"], meta["seed"], offline_values,
-        on_step[has_value], on_value[has_value], on_step[has_alpha], on_alpha[has_alpha], config, meta["method"],
+        folder,
+        meta["method"],
+        meta["env"],
+        meta["dataset"],
+        meta["seed"],
+        offline_values,
+        on_step[has_value],
+        on_value[has_value],
+        on_step[has_alpha],
+        on_alpha[has_alpha],
+        config,
+        meta["method"],
     )
 
 
@@ -270,8 +302,9 @@ def load_episodes(run):
     if missing:
         raise SkipRun(f"episodes.csv has no {', '.join(missing)} column")
     col = {name: i for i, name in enumerate(header)}
-    values = {c: np.array([to_float(row[col[c]], c, line, "episodes.csv") for line, row in rows])
-              for c in EPISODE_COLUMNS}
+    values = {
+        c: np.array([to_float(row[col[c]], c, line, "episodes.csv") for line, row in rows]) for c in EPISODE_COLUMNS
+    }
     order = np.argsort(values["step"], kind="stable")
     return {c: v[order] for c, v in values.items()}
 
@@ -285,8 +318,10 @@ def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets
         try:
             config = read_config(folder)
             meta = read_meta(folder, config)
-            if (methods and meta["method"] not in methods) or (envs and meta["env"] not in envs) or (
-                datasets and meta["dataset"] not in datasets and meta["dataset"] != SCRATCH
+            if (
+                (methods and meta["method"] not in methods)
+                or (envs and meta["env"] not in envs)
+                or (datasets and meta["dataset"] not in datasets and meta["dataset"] != SCRATCH)
             ):
                 continue  # filtered out, not broken: say nothing
             if config.get("online_steps") == 0:
@@ -338,13 +373,18 @@ def label_runs(runs, label_by=()):
         keys = list(label_by) + [k for k in split if k not in label_by]
         for run in members:
             parts = [SCRATCH] if run.scratch else []
-            parts += [f"{k}={setting(run.config, k) if k in run.config else '?'}" for k in keys
-                      if k in run.config or k in split]
+            parts += [
+                f"{k}={setting(run.config, k) if k in run.config else '?'}"
+                for k in keys
+                if k in run.config or k in split
+            ]
             run.label = f"{method} ({', '.join(parts)})" if parts else method
     if not splits:
         return ""
-    return ("note: runs that differ in more than the seed are separate curves, labelled by the keys that "
-            "differ: " + "; ".join(sorted(splits)))
+    return (
+        "note: runs that differ in more than the seed are separate curves, labelled by the keys that "
+        "differ: " + "; ".join(sorted(splits))
+    )
 
 
 def check_duplicate_seeds(runs):
@@ -357,7 +397,8 @@ def check_duplicate_seeds(runs):
         if key in seen:
             raise UsageError(
                 f"error: {run.env}-{run.dataset} {run.label}: seed {run.seed} twice, in {seen[key]} and "
-                f"{run.folder} (same configuration); move one of them out of the searched folders")
+                f"{run.folder} (same configuration); move one of them out of the searched folders"
+            )
         seen[key] = run.folder
 
 
@@ -470,8 +511,11 @@ def results_table(groups, metric="normalized_score"):
         "final: last online evaluation. online mean: mean of all online evaluations. "
         f"dip: lowest evaluation at online steps <= {DIP_FRACTION:.0%} of the run's last online step. "
         "Raw evaluations, no smoothing."
-        + (" A (scratch) row repeats the same runs (no offline data) in every dataset of its env."
-           if any(r.scratch for runs in groups.values() for r in runs) else ""),
+        + (
+            " A (scratch) row repeats the same runs (no offline data) in every dataset of its env."
+            if any(r.scratch for runs in groups.values() for r in runs)
+            else ""
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -491,8 +535,7 @@ def curves_for(groups, quantity, k):
             continue  # this method logs no alpha
         grid, mean, std, n_runs = mean_curve(curves, k)
         if len(grid) == 0:
-            print(f"note: {env}-{dataset} {method}: its runs share no online step range, not plotted",
-                  file=sys.stderr)
+            print(f"note: {env}-{dataset} {method}: its runs share no online step range, not plotted", file=sys.stderr)
             continue
         panels.setdefault((env, dataset), []).append((method, grid, mean, std, n_runs))
     return panels
@@ -515,8 +558,9 @@ def new_figure(nrows, ncols, title, row_height=3.4):
     title wrapped to the figure's width (a one-panel figure is widened, never clipped)."""
     plt = pyplot()
     width = max(4.6 * ncols, 6.4)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, row_height * nrows + 0.8), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, row_height * nrows + 0.8), squeeze=False, layout="constrained"
+    )
     fig.suptitle("\n".join(textwrap.wrap(title, int(width * 10))))
     return plt, fig, axes
 
@@ -543,12 +587,16 @@ def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
             lines = panels.get((env, dataset), [])
             if not lines:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, f"{env}-{dataset}\nno runs", ha="center", va="center",
-                        transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"{env}-{dataset}\nno runs", ha="center", va="center", transform=ax.transAxes)
                 continue
             for label, steps, mean, std, n_runs in lines:
-                handles[label], = ax.plot(steps, mean, color=colors[label], marker="o" if len(steps) == 1 else None,
-                                          label=f"{label} (n={n_runs.min()})")
+                (handles[label],) = ax.plot(
+                    steps,
+                    mean,
+                    color=colors[label],
+                    marker="o" if len(steps) == 1 else None,
+                    label=f"{label} (n={n_runs.min()})",
+                )
                 ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.2, linewidth=0)
                 counts.setdefault(label, set()).add(int(n_runs.min()))
             ax.set_title(f"{env}-{dataset}")
@@ -578,8 +626,14 @@ def plot_episodes(episodes, envs, datasets, colors, path):
             runs = episodes.get((env, dataset), [])
             if not runs:
                 top.set_axis_off(), bottom.set_axis_off()
-                top.text(0.5, 0.5, f"{env}-{dataset}\nno episodes.csv with alpha and R", ha="center",
-                         va="center", transform=top.transAxes)
+                top.text(
+                    0.5,
+                    0.5,
+                    f"{env}-{dataset}\nno episodes.csv with alpha and R",
+                    ha="center",
+                    va="center",
+                    transform=top.transAxes,
+                )
                 continue
             for run, ep in runs:
                 color = colors[run.label]
@@ -598,8 +652,10 @@ def plot_episodes(episodes, envs, datasets, colors, path):
             top.grid(alpha=0.3), bottom.grid(alpha=0.3)
     labels = sorted({run.label for runs in episodes.values() for run, _ in runs})
     handles = [Line2D([], [], color=colors[label]) for label in labels] + [
-        Line2D([], [], color="black", marker=".", linewidth=0.8), Line2D([], [], color="black", linestyle="--"),
-        Line2D([], [], color="grey", linestyle=":")]
+        Line2D([], [], color="black", marker=".", linewidth=0.8),
+        Line2D([], [], color="black", linestyle="--"),
+        Line2D([], [], color="grey", linestyle=":"),
+    ]
     legend_below(fig, handles, labels + ["R_current (this episode)", "R_last", "target return"])
     fig.savefig(path)
     plt.close(fig)
@@ -614,8 +670,7 @@ def write_curves_csv(path, named_panels):
             for (env, dataset), lines in panels.items():
                 for method, steps, mean, std, n_runs in lines:
                     for step, m, s, n in zip(steps, mean, std, n_runs):
-                        writer.writerow([quantity, env, dataset, method,
-                                         f"{step:g}", f"{m:.6g}", f"{s:.6g}", int(n)])
+                        writer.writerow([quantity, env, dataset, method, f"{step:g}", f"{m:.6g}", f"{s:.6g}", int(n)])
 
 
 # ---------------------------------------------------------------- command line
@@ -654,27 +709,43 @@ def parse_args(argv=None):
             "The files read are described in docs/adding-a-method.md."
         ),
     )
-    parser.add_argument("folders", nargs="+",
-                        help="folders searched (recursively) for run folders, e.g. runs/")
-    parser.add_argument("--methods", nargs="+", metavar="M",
-                        help="only these methods (space- or comma-separated; put the folders first)")
+    parser.add_argument("folders", nargs="+", help="folders searched (recursively) for run folders, e.g. runs/")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        help="only these methods (space- or comma-separated; put the folders first)",
+    )
     parser.add_argument("--envs", nargs="+", metavar="E", help="only these envs, e.g. hopper walker2d")
-    parser.add_argument("--datasets", nargs="+", metavar="D",
-                        help="only these datasets, e.g. medium medium-replay")
-    parser.add_argument("--label-by", nargs="+", metavar="KEY",
-                        help="also name these config.json keys in every curve's label, e.g. alpha_online "
-                             "keep_ratio (Figures 1, 3, 4, 5); runs that differ are split without it")
+    parser.add_argument("--datasets", nargs="+", metavar="D", help="only these datasets, e.g. medium medium-replay")
+    parser.add_argument(
+        "--label-by",
+        nargs="+",
+        metavar="KEY",
+        help="also name these config.json keys in every curve's label, e.g. alpha_online "
+        "keep_ratio (Figures 1, 3, 4, 5); runs that differ are split without it",
+    )
     parser.add_argument("--out", help="output folder (default: <first folder>/plots)")
-    parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png",
-                        help="figure file format (default: png)")
-    parser.add_argument("--smooth", type=positive_int, default=1, metavar="K",
-                        help="trailing moving average over K evaluations per run, before averaging seeds; "
-                        "curves only, not the table (default: 1 = none)")
-    parser.add_argument("--raw-returns", action="store_true",
-                        help="use return_mean instead of normalized_score (curves and table)")
-    parser.add_argument("--episodes", action="store_true",
-                        help="also write episodes.<fmt>: alpha and R_current/R_last of every online training "
-                             "episode (episodes.csv), one panel pair per env-dataset")
+    parser.add_argument(
+        "--format", choices=["png", "pdf", "svg"], default="png", help="figure file format (default: png)"
+    )
+    parser.add_argument(
+        "--smooth",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="trailing moving average over K evaluations per run, before averaging seeds; "
+        "curves only, not the table (default: 1 = none)",
+    )
+    parser.add_argument(
+        "--raw-returns", action="store_true", help="use return_mean instead of normalized_score (curves and table)"
+    )
+    parser.add_argument(
+        "--episodes",
+        action="store_true",
+        help="also write episodes.<fmt>: alpha and R_current/R_last of every online training "
+        "episode (episodes.csv), one panel pair per env-dataset",
+    )
     args = parser.parse_args(argv)
     for name in ("methods", "envs", "datasets"):
         values = getattr(args, name)
@@ -700,8 +771,11 @@ def episodes_for(groups):
                 panels.setdefault((env, dataset), []).append((run, loaded[run.folder]))
     left_out = sum(ep is None for ep in loaded.values())
     if left_out and panels:
-        print(f"note: {left_out} of {len(loaded)} runs have no episodes.csv with alpha, R_current and R_last: "
-              "not in the episodes figure", file=sys.stderr)
+        print(
+            f"note: {left_out} of {len(loaded)} runs have no episodes.csv with alpha, R_current and R_last: "
+            "not in the episodes figure",
+            file=sys.stderr,
+        )
     return panels
 
 
@@ -741,12 +815,26 @@ def main(argv=None):
         score_panels = curves_for(groups, "value", args.smooth)
         alpha_panels = curves_for(groups, "alpha", args.smooth)
         written = [os.path.join(out, f"score.{args.format}")]
-        plot_grid(score_panels, envs, datasets, colors, ylabel,
-                  f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds", written[0])
+        plot_grid(
+            score_panels,
+            envs,
+            datasets,
+            colors,
+            ylabel,
+            f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds",
+            written[0],
+        )
         if alpha_panels:
             written.append(os.path.join(out, f"alpha.{args.format}"))
-            plot_grid(alpha_panels, envs, datasets, colors, "alpha (BC weight)",
-                      "Online fine-tuning: alpha, mean ± 1 std over seeds", written[-1])
+            plot_grid(
+                alpha_panels,
+                envs,
+                datasets,
+                colors,
+                "alpha (BC weight)",
+                "Online fine-tuning: alpha, mean ± 1 std over seeds",
+                written[-1],
+            )
         else:
             print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
         if args.episodes:
@@ -756,8 +844,10 @@ def main(argv=None):
                 plot_episodes(episodes, envs, datasets, colors, path)
                 written.append(path)
             else:
-                print("note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not "
-                      "written", file=sys.stderr)
+                print(
+                    "note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not written",
+                    file=sys.stderr,
+                )
         quantity = "score" if metric == "normalized_score" else "return"
         write_curves_csv(os.path.join(out, "curves.csv"), [(quantity, score_panels), ("alpha", alpha_panels)])
         with open(os.path.join(out, "results.md"), "w") as f:

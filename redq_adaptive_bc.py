@@ -35,14 +35,13 @@ import copy
 import math
 import sys
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from plumbing.cli import (RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main,
-                          seed_everything)
+from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
 from plumbing.compile import compile_step
 from plumbing.datasets import check_transitions, open_task
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
@@ -86,29 +85,29 @@ class Args(RunArgs):
     """M, randomly drawn critics whose minimum forms the target (Table 1: 2)"""
     min_over_all_offline: bool = False
     """with M = N, take the min over all critics in pre-training too (authors' code: fine-tuning only)"""
-    utd: Optional[int] = None
+    utd: int | None = None
     """G, gradient steps per online environment step (None: Table 1's 20; --authors-code: 10)"""
     critic_loss_reduction: Literal["mean", "sum"] = "mean"
     """average the N critics' squared errors (authors' code) or sum them (equal under Adam up to eps)"""
-    delay_target_updates: Optional[bool] = None
+    delay_target_updates: bool | None = None
     """update targets only on actor steps (None: every step as in Algorithm 1; --authors-code: True)"""
-    alpha_offline: Optional[float] = None
+    alpha_offline: float | None = None
     """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
-    alpha_online: Optional[float] = None
+    alpha_online: float | None = None
     """alpha_online at the switch, and its value without adaptation (None: min(alpha_offline, alpha_online_max))"""
     alpha_online_max: float = 0.4
     """upper clip of alpha_online in Eq. 2 (paper: 0.4, the pre-training value, also on walker2d-random)"""
     kp: float = 3e-5
     """K_P, proportional gain of Eq. 2 (Table 1: 3e-5)"""
-    kd: Optional[float] = None
+    kd: float | None = None
     """K_D, derivative gain of Eq. 2 (None: Table 1's 8e-5; --authors-code: 1e-4)"""
-    target_return: Optional[float] = None
+    target_return: float | None = None
     """R_target of Eq. 2, a normalized return (fraction; None: the paper's 1.0; --authors-code: 1.05)"""
     adaptive_bc: bool = True
     """adapt alpha_online with Eq. 2; --no-adaptive-bc keeps it fixed"""
     scale_by_episode_length: bool = True
     """multiply Eq. 2's increment by the episode length, as the authors' code does (README)"""
-    r_last: Optional[Literal["previous", "moving-average"]] = None
+    r_last: Literal["previous", "moving-average"] | None = None
     """R_last of Eq. 2 (None: the previous episode, paper; --authors-code: moving average, P term on it)"""
     r_last_smoothing: float = 0.05
     """s in R_last <- s R_current + (1 - s) R_last, with --r-last moving-average (authors' code: 0.05)"""
@@ -116,11 +115,11 @@ class Args(RunArgs):
     """R_last at the switch: one evaluation episode (authors' code) or the mean of --eval-episodes"""
     keep_ratio: float = 0.05
     """fraction of the offline data kept for fine-tuning (paper: 0.05)"""
-    keep_min: Optional[int] = None
+    keep_min: int | None = None
     """keep at least this many offline transitions (None: 0, the ratio alone; --authors-code: 50,000)"""
-    keep_with_replacement: Optional[bool] = None
+    keep_with_replacement: bool | None = None
     """draw the kept transitions with replacement (None: no, paper; --authors-code: yes)"""
-    buffer_size: Optional[int] = None
+    buffer_size: int | None = None
     """FIFO replay capacity online (None: online-steps, enlarged to hold the kept data if needed)"""
     authors_code: bool = False
     """the authors' configuration (zhaoyi11/adaptive_bc) wherever it differs from the paper (README table)"""
@@ -129,8 +128,15 @@ class Args(RunArgs):
 
 
 # (the paper's value, the authors' code's value) of the flags where they differ: main.py, redq_bc.py, utils.py
-PAPER_VS_AUTHORS = dict(utd=(20, 10), kd=(8e-5, 1e-4), target_return=(1.0, 1.05), r_last=("previous", "moving-average"),
-                        keep_min=(0, 50_000), keep_with_replacement=(False, True), delay_target_updates=(False, True))
+PAPER_VS_AUTHORS = dict(
+    utd=(20, 10),
+    kd=(8e-5, 1e-4),
+    target_return=(1.0, 1.05),
+    r_last=("previous", "moving-average"),
+    keep_min=(0, 50_000),
+    keep_with_replacement=(False, True),
+    delay_target_updates=(False, True),
+)
 
 
 def check_args(args: Args) -> None:
@@ -138,18 +144,48 @@ def check_args(args: Args) -> None:
     for name, (paper, authors) in PAPER_VS_AUTHORS.items():
         if getattr(args, name) is None:
             setattr(args, name, authors if args.authors_code else paper)
-    check_ranges(args, positive=["offline_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim",
-                                 "num_critics", "num_min_critics", "utd", "learning_rate", "buffer_size"],
-                 non_negative=["online_steps", "policy_noise", "noise_clip", "exploration_noise", "kp", "kd",
-                               "keep_min", "alpha_offline", "alpha_online", "alpha_online_max"],
-                 fraction=["keep_ratio", "r_last_smoothing", "tau"], finite=["target_return", "gamma"])
+    check_ranges(
+        args,
+        positive=[
+            "offline_steps",
+            "batch_size",
+            "policy_freq",
+            "hidden_layers",
+            "hidden_dim",
+            "num_critics",
+            "num_min_critics",
+            "utd",
+            "learning_rate",
+            "buffer_size",
+        ],
+        non_negative=[
+            "online_steps",
+            "policy_noise",
+            "noise_clip",
+            "exploration_noise",
+            "kp",
+            "kd",
+            "keep_min",
+            "alpha_offline",
+            "alpha_online",
+            "alpha_online_max",
+        ],
+        fraction=["keep_ratio", "r_last_smoothing", "tau"],
+        finite=["target_return", "gamma"],
+    )
     if args.num_min_critics > args.num_critics:
         raise UsageError(f"--num-min-critics M={args.num_min_critics} exceeds --num-critics N={args.num_critics}")
     if not 0 <= args.gamma <= 1 or not 0 <= args.target_return <= 2:
-        raise UsageError(f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
-                         f"got {args.gamma} and {args.target_return}")
-    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers,
-                   transitions=max(args.online_steps, args.buffer_size or 0))
+        raise UsageError(
+            f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
+            f"got {args.gamma} and {args.target_return}"
+        )
+    check_run_size(
+        args.num_critics + 1,
+        args.hidden_dim,
+        args.hidden_layers,
+        transitions=max(args.online_steps, args.buffer_size or 0),
+    )
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------
@@ -178,8 +214,9 @@ class CriticEnsemble(nn.Module):
     """N critics Q_1..Q_N in one module: layer l of all N critics is one (N, in, out) weight tensor, so the
     ensemble runs as a few batched matrix multiplies instead of a Python loop over critics."""
 
-    def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu",
-                 init="authors"):
+    def __init__(
+        self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu", init="authors"
+    ):
         super().__init__()
         sizes = [obs_dim + act_dim] + [hidden_dim] * hidden_layers + [1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
@@ -222,8 +259,9 @@ class ReplayBuffer:
 
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
-        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
-                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
+        self.data = Batch(
+            *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
+        )
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n)."""
@@ -349,8 +387,10 @@ class Agent:
         return metrics
 
     def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        }
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -358,8 +398,7 @@ class Agent:
 
 
 # ---- Adaptive behavior cloning: the PD controller of Eq. 2 --------------------------------------------------
-def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, episode_length=1,
-                moving_average=None):
+def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, episode_length=1, moving_average=None):
     """Eq. 2 at the end of a training episode (R: normalized returns). Returns (alpha_online, the next R_last,
     P term, D term), the terms before the episode-length scaling.
 
@@ -390,8 +429,17 @@ def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **e
             done = terminated or truncated
         returns.append(episode_return)
     returns = np.array(returns)
-    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
-                       alpha=alpha, **extra)
+    run.log_evaluation(
+        phase,
+        step,
+        returns,
+        100 * task.normalized(returns),
+        means.pop(),
+        agent.num_updates,
+        env_steps,
+        alpha=alpha,
+        **extra,
+    )
     return returns
 
 
@@ -405,8 +453,9 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:],
-                                      ep.terminations)):
+        for key, value in zip(
+            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        ):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
@@ -424,25 +473,35 @@ def pretrain(agent, buffer, args, run, task, rng, start=0):
             if step % args.eval_every == 0 or step == args.offline_steps:
                 evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates), rng)
+                run.save_latest(
+                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
+                )
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def switch_to_online(agent, buffer, args, run, task, rng):
     """Algorithm 1, lines 10-12: keep a random subset of the offline data, evaluate the pre-trained agent."""
-    buffer = downsample(buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement,
-                        torch.Generator().manual_seed(args.seed))
+    buffer = downsample(
+        buffer,
+        args.buffer_size,
+        args.keep_ratio,
+        args.keep_min,
+        args.keep_with_replacement,
+        torch.Generator().manual_seed(args.seed),
+    )
     total = run.config["dataset_transitions"]
-    print(f"switch to online: kept {buffer.size} of {total} offline transitions"
-          + (" (all of them: --keep-min is not below the dataset's size)" if buffer.size >= total else ""),
-          file=sys.stderr)
+    print(
+        f"switch to online: kept {buffer.size} of {total} offline transitions"
+        + (" (all of them: --keep-min is not below the dataset's size)" if buffer.size >= total else ""),
+        file=sys.stderr,
+    )
     returns = evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
     R_last = task.normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean())  # main.py:181
     state = dict(phase="online", step=0, alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)
-    run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
-                         buffer=buffer.state_dict()), rng, task.env)
+    run.save_latest(
+        dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, task.env
+    )
     return buffer, state
 
 
@@ -468,24 +527,61 @@ def finetune(agent, buffer, args, run, task, rng, state):
             if terminated or truncated:  # Eq. 2, logged with its inputs so that a row can be checked by hand
                 R_current = task.normalized(episode_return)
                 new_alpha, new_R_last, p_term, d_term = adapt_alpha(
-                    alpha_online, R_current, R_last, kp=args.kp, kd=args.kd, target_return=args.target_return,
-                    alpha_max=args.alpha_online_max, moving_average=moving_average,
-                    episode_length=episode_length if args.scale_by_episode_length else 1)
-                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
-                                            "R_current": R_current, "R_last": R_last, "p_term": p_term,
-                                            "d_term": d_term, "alpha": new_alpha if args.adaptive_bc else alpha_online})
+                    alpha_online,
+                    R_current,
+                    R_last,
+                    kp=args.kp,
+                    kd=args.kd,
+                    target_return=args.target_return,
+                    alpha_max=args.alpha_online_max,
+                    moving_average=moving_average,
+                    episode_length=episode_length if args.scale_by_episode_length else 1,
+                )
+                run.logs["episodes"].write(
+                    {
+                        "step": step,
+                        "length": episode_length,
+                        "return": episode_return,
+                        "R_current": R_current,
+                        "R_last": R_last,
+                        "p_term": p_term,
+                        "d_term": d_term,
+                        "alpha": new_alpha if args.adaptive_bc else alpha_online,
+                    }
+                )
                 if args.adaptive_bc:
                     alpha_online, R_last = new_alpha, new_R_last
                     alpha.fill_(alpha_online)
 
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(run, agent, task, args, "online", step, alpha_online, means, env_steps=step,
-                                 episode_normalized_return="" if R_current is None else 100 * R_current)
+                evaluate(
+                    run,
+                    agent,
+                    task,
+                    args,
+                    "online",
+                    step,
+                    alpha_online,
+                    means,
+                    env_steps=step,
+                    episode_normalized_return="" if R_current is None else 100 * R_current,
+                )
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
-                run.save_latest(dict(phase="online", step=step, alpha_online=alpha_online, R_last=R_last,
-                                     R_current=R_current, agent=agent.state_dict(), num_updates=agent.num_updates,
-                                     buffer=buffer.state_dict()), rng, env)
+                run.save_latest(
+                    dict(
+                        phase="online",
+                        step=step,
+                        alpha_online=alpha_online,
+                        R_last=R_last,
+                        R_current=R_current,
+                        agent=agent.state_dict(),
+                        num_updates=agent.num_updates,
+                        buffer=buffer.state_dict(),
+                    ),
+                    rng,
+                    env,
+                )
             if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
@@ -511,16 +607,28 @@ def main(args: Args):
     args.buffer_size = args.buffer_size or max(args.online_steps, kept)
     if args.buffer_size < kept:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
-    run = open_run(args, METHOD, task, dataset_transitions=len(data["rewards"]), offline_kept=kept,
-                   pretrained_from=pretrained and pretrained["path"])
+    run = open_run(
+        args,
+        METHOD,
+        task,
+        dataset_transitions=len(data["rewards"]),
+        offline_kept=kept,
+        pretrained_from=pretrained and pretrained["path"],
+    )
 
     device, rng = pick_device(args.device), seed_everything(args.seed)
     space = task.env.action_space
     agent = Agent(data["obs"].shape[1], space.shape[0], space.low, space.high, args, device)
     if args.compile:
         compile_step(agent)
-    run.describe_actor("Actor", obs_dim=data["obs"].shape[1], act_dim=space.shape[0], action_low=space.low.tolist(),
-                       action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
+    run.describe_actor(
+        "Actor",
+        obs_dim=data["obs"].shape[1],
+        act_dim=space.shape[0],
+        action_low=space.low.tolist(),
+        action_high=space.high.tolist(),
+        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
+    )
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent

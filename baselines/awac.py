@@ -60,7 +60,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class Args(RunArgs):
     """lambda, temperature of the advantage weights exp(A/lambda) (jaxrl's config: beta 2.0; the paper: none)"""
     normalize_weights: bool = True
     """divide exp(A/lambda) by its batch mean, i.e. B * softmax(A/lambda) as jaxrl does"""
-    max_weight: Optional[float] = None
+    max_weight: float | None = None
     """clip every advantage weight at this value (None: no clip besides the normalization, as jaxrl)"""
     num_action_samples: int = 1
     """actions drawn from pi(.|s) to estimate V(s) = E_a Q(s, a) (jaxrl: 1)"""
@@ -118,20 +118,37 @@ class Args(RunArgs):
     """upper clip of the actor's log-std (jaxrl: 2)"""
     utd: int = 1
     """G, gradient steps per online environment step (jaxrl: 1; the paper does not say; the method: 20)"""
-    buffer_size: Optional[int] = None
+    buffer_size: int | None = None
     """FIFO replay capacity (None = dataset + online steps: the whole dataset and every online step)"""
 
 
 def check_args(args: Args) -> None:
-    check_ranges(args, positive=["offline_steps", "batch_size", "target_update_period", "num_action_samples",
-                                 "num_critics", "hidden_layers", "actor_hidden_layers", "hidden_dim", "utd",
-                                 "learning_rate", "lam", "max_weight", "buffer_size"],
-                 non_negative=["online_steps", "actor_weight_decay"], fraction=["tau"],
-                 finite=["gamma", "log_std_min", "log_std_max"])
+    check_ranges(
+        args,
+        positive=[
+            "offline_steps",
+            "batch_size",
+            "target_update_period",
+            "num_action_samples",
+            "num_critics",
+            "hidden_layers",
+            "actor_hidden_layers",
+            "hidden_dim",
+            "utd",
+            "learning_rate",
+            "lam",
+            "max_weight",
+            "buffer_size",
+        ],
+        non_negative=["online_steps", "actor_weight_decay"],
+        fraction=["tau"],
+        finite=["gamma", "log_std_min", "log_std_max"],
+    )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    check_run_size(args.num_critics + 2, args.hidden_dim, max(args.hidden_layers, args.actor_hidden_layers),
-                   args.online_steps)
+    check_run_size(
+        args.num_critics + 2, args.hidden_dim, max(args.hidden_layers, args.actor_hidden_layers), args.online_steps
+    )
     if not args.normalize_weights and args.max_weight is None:
         raise UsageError("--no-normalize-weights needs --max-weight: raw exp(A/lambda) overflows without a clip")
     if not args.log_std_min < args.log_std_max:
@@ -146,8 +163,19 @@ class GaussianActor(nn.Module):
     """pi(a|s) = N(mu(s), sigma^2): mu tanh-bounded to the action range, log sigma clipped. The distribution
     is a plain (unsquashed) Gaussian, as jaxrl's AWAC actor; calling the module returns its mean."""
 
-    def __init__(self, obs_dim, act_dim, action_low, action_high, hidden_dim=256, hidden_layers=4,
-                 activation="relu", state_dependent_std=False, log_std_min=-10.0, log_std_max=2.0):
+    def __init__(
+        self,
+        obs_dim,
+        act_dim,
+        action_low,
+        action_high,
+        hidden_dim=256,
+        hidden_layers=4,
+        activation="relu",
+        state_dependent_std=False,
+        log_std_min=-10.0,
+        log_std_max=2.0,
+    ):
         super().__init__()
         layers, width = [], obs_dim
         for _ in range(hidden_layers):
@@ -212,8 +240,9 @@ class ReplayBuffer:
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device = capacity, device
         self.ptr = self.size = self.added = 0  # added: every transition ever appended
-        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
-                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
+        self.data = Batch(
+            *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
+        )
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n)."""
@@ -232,16 +261,24 @@ class ReplayBuffer:
         """Leaves out the first `rebuilt` transitions ever added (the dataset, which the caller adds again before
         load_state_dict), except the slots the FIFO has overwritten since."""
         overwritten = min(rebuilt, max(0, self.added - self.capacity))
-        return {"ptr": self.ptr, "size": self.size, "added": self.added, "rebuilt": rebuilt, "overwritten": overwritten,
-                **{name: torch.cat([storage[:overwritten], storage[rebuilt: self.size]])
-                   for name, storage in zip(Batch._fields, self.data)}}
+        return {
+            "ptr": self.ptr,
+            "size": self.size,
+            "added": self.added,
+            "rebuilt": rebuilt,
+            "overwritten": overwritten,
+            **{
+                name: torch.cat([storage[:overwritten], storage[rebuilt : self.size]])
+                for name, storage in zip(Batch._fields, self.data)
+            },
+        }
 
     def load_state_dict(self, state):
         rebuilt, overwritten = state["rebuilt"], state["overwritten"]
         assert self.added == rebuilt, "add the left-out transitions first"
         for name, storage in zip(Batch._fields, self.data):
             storage[:overwritten] = state[name][:overwritten]
-            storage[rebuilt: state["size"]] = state[name][overwritten:]
+            storage[rebuilt : state["size"]] = state[name][overwritten:]
         self.ptr, self.size, self.added = state["ptr"], state["size"], state["added"]
 
 
@@ -304,11 +341,18 @@ class Agent:
 
     def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device):
         self.actor = GaussianActor(obs_dim, act_dim, action_low, action_high, **actor_kwargs(args)).to(device)
-        self.critic = CriticEnsemble(args.num_critics, obs_dim, act_dim, hidden_dim=args.hidden_dim,
-                                     hidden_layers=args.hidden_layers, activation=args.activation).to(device)
+        self.critic = CriticEnsemble(
+            args.num_critics,
+            obs_dim,
+            act_dim,
+            hidden_dim=args.hidden_dim,
+            hidden_layers=args.hidden_layers,
+            activation=args.activation,
+        ).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optim = torch.optim.AdamW(self.actor.parameters(), lr=args.learning_rate,
-                                             weight_decay=args.actor_weight_decay, fused=True)
+        self.actor_optim = torch.optim.AdamW(
+            self.actor.parameters(), lr=args.learning_rate, weight_decay=args.actor_weight_decay, fused=True
+        )
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
         self.args, self.device, self.num_updates = args, device, 0
 
@@ -323,19 +367,27 @@ class Agent:
         loss_q.backward()
         self.critic_optim.step()
         # The critics enter the actor loss only through the weights, computed without gradient.
-        loss_pi, weight_max, policy_std = actor_loss(self.actor, self.critic, batch, a.lam, a.normalize_weights,
-                                                     a.max_weight, a.num_action_samples)
+        loss_pi, weight_max, policy_std = actor_loss(
+            self.actor, self.critic, batch, a.lam, a.normalize_weights, a.max_weight, a.num_action_samples
+        )
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.actor_optim.step()
         if self.num_updates % a.target_update_period == 0:
             soft_update(self.critic_target, self.critic, a.tau)
-        return {"critic_loss": loss_q.detach(), "actor_loss": loss_pi.detach(), "q_mean": q_mean,
-                "weight_max": weight_max, "policy_std": policy_std}
+        return {
+            "critic_loss": loss_q.detach(),
+            "actor_loss": loss_pi.detach(),
+            "q_mean": q_mean,
+            "weight_max": weight_max,
+            "policy_std": policy_std,
+        }
 
     def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "critic", "critic_target", "actor_optim", "critic_optim")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in ("actor", "critic", "critic_target", "actor_optim", "critic_optim")
+        }
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -343,9 +395,14 @@ class Agent:
 
 
 def actor_kwargs(args: Args) -> dict:
-    return dict(hidden_dim=args.hidden_dim, hidden_layers=args.actor_hidden_layers, activation=args.activation,
-                state_dependent_std=args.state_dependent_std, log_std_min=args.log_std_min,
-                log_std_max=args.log_std_max)
+    return dict(
+        hidden_dim=args.hidden_dim,
+        hidden_layers=args.actor_hidden_layers,
+        activation=args.activation,
+        state_dependent_std=args.state_dependent_std,
+        log_std_min=args.log_std_min,
+        log_std_max=args.log_std_max,
+    )
 
 
 # ---- Evaluation -----------------------------------------------------------------------------------------------
@@ -364,8 +421,17 @@ def evaluate(run, agent, task, args, phase, step, means, env_steps=0, **extra) -
             done = terminated or truncated
         returns.append(episode_return)
     returns = np.array(returns)
-    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
-                       alpha="", **extra)
+    run.log_evaluation(
+        phase,
+        step,
+        returns,
+        100 * task.normalized(returns),
+        means.pop(),
+        agent.num_updates,
+        env_steps,
+        alpha="",
+        **extra,
+    )
     return returns
 
 
@@ -380,8 +446,9 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:],
-                                      ep.terminations)):
+        for key, value in zip(
+            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        ):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
@@ -397,20 +464,31 @@ def pretrain(agent, buffer, args, run, task, rng, start=0):
             if step % args.eval_every == 0 or step == args.offline_steps:
                 evaluate(run, agent, task, args, "offline", step, means)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates), rng)
+                run.save_latest(
+                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
+                )
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def start_online(agent, buffer, args, run, task, rng, num_offline):
     """AWAC has no switch: the dataset stays in the buffer and online data are appended after it."""
-    print(f"switch to online: the buffer keeps all {buffer.size} offline transitions, FIFO capacity "
-          f"{buffer.capacity}", file=sys.stderr)
+    print(
+        f"switch to online: the buffer keeps all {buffer.size} offline transitions, FIFO capacity {buffer.capacity}",
+        file=sys.stderr,
+    )
     evaluate(run, agent, task, args, "online", 0, run.means)
     state = dict(phase="online", step=0, R_current=None)
-    run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
-                         buffer=buffer.state_dict(rebuilt=num_offline)), rng, task.env)
+    run.save_latest(
+        dict(
+            state,
+            agent=agent.state_dict(),
+            num_updates=agent.num_updates,
+            buffer=buffer.state_dict(rebuilt=num_offline),
+        ),
+        rng,
+        task.env,
+    )
     return state
 
 
@@ -435,16 +513,40 @@ def finetune(agent, buffer, args, run, task, rng, state, num_offline):
             episode_over = terminated or truncated
             if episode_over:
                 R_current = float(task.normalized(episode_return))
-                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
-                                            "normalized_return": 100 * R_current})
+                run.logs["episodes"].write(
+                    {
+                        "step": step,
+                        "length": episode_length,
+                        "return": episode_return,
+                        "normalized_return": 100 * R_current,
+                    }
+                )
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(run, agent, task, args, "online", step, means, env_steps=step,
-                         episode_normalized_return="" if R_current is None else 100 * R_current)
+                evaluate(
+                    run,
+                    agent,
+                    task,
+                    args,
+                    "online",
+                    step,
+                    means,
+                    env_steps=step,
+                    episode_normalized_return="" if R_current is None else 100 * R_current,
+                )
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(dict(phase="online", step=step, R_current=R_current, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates, buffer=buffer.state_dict(rebuilt=num_offline)),
-                                rng, env)
+                run.save_latest(
+                    dict(
+                        phase="online",
+                        step=step,
+                        R_current=R_current,
+                        agent=agent.state_dict(),
+                        num_updates=agent.num_updates,
+                        buffer=buffer.state_dict(rebuilt=num_offline),
+                    ),
+                    rng,
+                    env,
+                )
             if episode_over:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
@@ -452,8 +554,16 @@ def finetune(agent, buffer, args, run, task, rng, state, num_offline):
 
 
 # ---- Main: load the data, open the run folder, run the phases (resuming where latest.pt left off) -----------
-NETWORK_KEYS = ["hidden_dim", "hidden_layers", "actor_hidden_layers", "activation", "num_critics",
-                "state_dependent_std", "log_std_min", "log_std_max"]
+NETWORK_KEYS = [
+    "hidden_dim",
+    "hidden_layers",
+    "actor_hidden_layers",
+    "activation",
+    "num_critics",
+    "state_dependent_std",
+    "log_std_min",
+    "log_std_max",
+]
 
 
 def main(args: Args):
@@ -466,14 +576,21 @@ def main(args: Args):
     if args.buffer_size < num_offline:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {num_offline} transitions of the dataset")
     check_memory(args.buffer_size * sum(v[0].nbytes for v in data.values()), "the replay buffer")
-    run = open_run(args, METHOD, task, dataset_transitions=num_offline,
-                   pretrained_from=pretrained and pretrained["path"])
+    run = open_run(
+        args, METHOD, task, dataset_transitions=num_offline, pretrained_from=pretrained and pretrained["path"]
+    )
 
     device, rng = pick_device(args.device), seed_everything(args.seed)  # AWAC samples with torch, not with rng
     obs_dim, space = data["obs"].shape[1], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor("GaussianActor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),
-                       action_high=space.high.tolist(), **actor_kwargs(args))
+    run.describe_actor(
+        "GaussianActor",
+        obs_dim=obs_dim,
+        act_dim=space.shape[0],
+        action_low=space.low.tolist(),
+        action_high=space.high.tolist(),
+        **actor_kwargs(args),
+    )
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume: latest.pt; --load-offline: offline.pt

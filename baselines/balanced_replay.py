@@ -51,7 +51,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class Args(RunArgs):
     """with --update-schedule blocks: env steps, then G x as many updates, per block (Lee et al.: 1000)"""
     first_block_multiplier: int = 10
     """with --update-schedule blocks: the first block's updates are multiplied by this (Lee et al.: 10)"""
-    alpha_offline: Optional[float] = None
+    alpha_offline: float | None = None
     """alpha_offline, BC weight in pre-training (None = 0.4, or 100 on walker2d-random as in the paper)"""
     alpha_online: float = 0.0
     """alpha_online, BC weight in fine-tuning (0 = TD3, as Balanced Replay drops its offline regularizer online)"""
@@ -132,17 +132,48 @@ class Args(RunArgs):
 
 
 def check_args(args: Args) -> None:
-    check_ranges(args, positive=["offline_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim", "utd",
-                                 "block_steps", "first_block_multiplier", "num_groups", "group_size",
-                                 "online_fraction_horizon", "ratio_batch_size", "ratio_hidden_layers",
-                                 "ratio_hidden_dim", "learning_rate", "ratio_learning_rate", "temperature",
-                                 "priority_min", "priority_max"],
-                 non_negative=["online_steps", "policy_noise", "noise_clip", "exploration_noise", "alpha_offline",
-                               "alpha_online"], fraction=["tau"], finite=["gamma"])
+    check_ranges(
+        args,
+        positive=[
+            "offline_steps",
+            "batch_size",
+            "policy_freq",
+            "hidden_layers",
+            "hidden_dim",
+            "utd",
+            "block_steps",
+            "first_block_multiplier",
+            "num_groups",
+            "group_size",
+            "online_fraction_horizon",
+            "ratio_batch_size",
+            "ratio_hidden_layers",
+            "ratio_hidden_dim",
+            "learning_rate",
+            "ratio_learning_rate",
+            "temperature",
+            "priority_min",
+            "priority_max",
+        ],
+        non_negative=[
+            "online_steps",
+            "policy_noise",
+            "noise_clip",
+            "exploration_noise",
+            "alpha_offline",
+            "alpha_online",
+        ],
+        fraction=["tau"],
+        finite=["gamma"],
+    )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    check_run_size(args.num_groups * args.group_size + 3, max(args.hidden_dim, args.ratio_hidden_dim),
-                   args.hidden_layers, transitions=0)  # the buffers are checked against the dataset's size later
+    check_run_size(
+        args.num_groups * args.group_size + 3,
+        max(args.hidden_dim, args.ratio_hidden_dim),
+        args.hidden_layers,
+        transitions=0,
+    )  # the buffers are checked against the dataset's size later
     if args.priority_min >= args.priority_max:
         raise UsageError(f"--priority-min {args.priority_min} must be below --priority-max {args.priority_max}")
     if not 0 < args.init_online_fraction < 1:
@@ -235,8 +266,9 @@ class ReplayBuffer:
 
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
-        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
-                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
+        self.data = Batch(
+            *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
+        )
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n). Returns their slots."""
@@ -292,15 +324,19 @@ def buffer_bytes(offline_size, online_size, obs_dim, act_dim) -> dict:
     """Bytes of the three buffers: float32 obs, action, reward, next obs, terminal per transition, plus a
     float32 priority per slot of the joint buffer."""
     per_transition = 4 * (2 * obs_dim + act_dim + 2)
-    sizes = {"offline": offline_size * per_transition, "online": online_size * per_transition,
-             "prioritized": (offline_size + online_size) * (per_transition + 4)}
+    sizes = {
+        "offline": offline_size * per_transition,
+        "online": online_size * per_transition,
+        "prioritized": (offline_size + online_size) * (per_transition + 4),
+    }
     return {**sizes, "total": sum(sizes.values())}
 
 
 # ---- The gradient steps: TD3+BC with the pessimistic ensemble (1), density ratio and priorities (3) ----------
 @torch.no_grad()
-def td_target(batch: Batch, actor_target, critic_target, num_groups, gamma, policy_noise, noise_clip,
-              ensemble="group-means"):
+def td_target(
+    batch: Batch, actor_target, critic_target, num_groups, gamma, policy_noise, noise_clip, ensemble="group-means"
+):
     """(1) y = r + gamma (1 - terminal) Qp'(s', a'), a' the smoothed target action: shape (B,). With
     ensemble="per-pair" each member's own target min_g Q'_gi, repeated per group: shape (N, B)."""
     noise = (torch.randn_like(batch.actions) * policy_noise).clamp(-noise_clip, noise_clip)
@@ -358,8 +394,9 @@ class Agent:
         self.critic = CriticEnsemble(args.num_groups * args.group_size, obs_dim, act_dim, **net).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.ratio = DensityRatio(obs_dim, act_dim, args.ratio_hidden_dim, args.ratio_hidden_layers,
-                                  args.activation).to(device)
+        self.ratio = DensityRatio(
+            obs_dim, act_dim, args.ratio_hidden_dim, args.ratio_hidden_layers, args.activation
+        ).to(device)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
         self.ratio_optim = torch.optim.Adam(self.ratio.parameters(), lr=args.ratio_learning_rate, fused=True)
@@ -369,8 +406,16 @@ class Agent:
         """One TD3+BC gradient step. No host-device synchronization: the metrics stay tensors."""
         a = self.args
         self.num_updates += 1
-        y = td_target(batch, self.actor_target, self.critic_target, a.num_groups, a.gamma, a.policy_noise,
-                      a.noise_clip, a.ensemble)
+        y = td_target(
+            batch,
+            self.actor_target,
+            self.critic_target,
+            a.num_groups,
+            a.gamma,
+            a.policy_noise,
+            a.noise_clip,
+            a.ensemble,
+        )
         loss_q, q_mean = critic_loss(self.critic, batch, y)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
@@ -403,9 +448,19 @@ class Agent:
         return loss.detach(), priorities
 
     def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "critic", "actor_target", "critic_target", "ratio", "actor_optim", "critic_optim",
-                 "ratio_optim")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in (
+                "actor",
+                "critic",
+                "actor_target",
+                "critic_target",
+                "ratio",
+                "actor_optim",
+                "critic_optim",
+                "ratio_optim",
+            )
+        }
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -438,8 +493,17 @@ def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **e
             done = terminated or truncated
         returns.append(episode_return)
     returns = np.array(returns)
-    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
-                       alpha=alpha, **extra)
+    run.log_evaluation(
+        phase,
+        step,
+        returns,
+        100 * task.normalized(returns),
+        means.pop(),
+        agent.num_updates,
+        env_steps,
+        alpha=alpha,
+        **extra,
+    )
 
 
 # Balanced Replay's own: the share of online samples in RL batches and the ratio loss (means), the buffers' bytes.
@@ -453,8 +517,9 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:],
-                                      ep.terminations)):
+        for key, value in zip(
+            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        ):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
@@ -471,8 +536,9 @@ def pretrain(agent, offline, args, run, task, rng, start=0):
             if step % args.eval_every == 0 or step == args.offline_steps:
                 evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means, buffer_bytes=memory)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates), rng)
+                run.save_latest(
+                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
+                )
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
@@ -496,13 +562,31 @@ def online_buffers(offline, args, latest=None):
 def switch_to_online(agent, offline, args, run, task, rng):
     """The switch: three buffers from here on; evaluate the pre-trained agent."""
     online, joint = online_buffers(offline, args)
-    sizes = ", ".join(f"{k} {v / 2 ** 20:.1f} MiB" for k, v in run.config["buffer_bytes"].items())
+    sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in run.config["buffer_bytes"].items())
     print(f"switch to online: replay buffers take {sizes}", file=sys.stderr)
-    evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means,
-             buffer_bytes=run.config["buffer_bytes"]["total"])
+    evaluate(
+        run,
+        agent,
+        task,
+        args,
+        "online",
+        0,
+        args.alpha_online,
+        run.means,
+        buffer_bytes=run.config["buffer_bytes"]["total"],
+    )
     state = dict(phase="online", step=0, R_current=None)
-    run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, online=online.transitions(),
-                         joint=joint.state_dict()), rng, task.env)
+    run.save_latest(
+        dict(
+            state,
+            agent=agent.state_dict(),
+            num_updates=agent.num_updates,
+            online=online.transitions(),
+            joint=joint.state_dict(),
+        ),
+        rng,
+        task.env,
+    )
     return online, joint, state
 
 
@@ -526,25 +610,58 @@ def finetune(agent, offline, online, joint, args, run, task, rng, state):
 
             for _ in range(updates_after(step, args)):
                 replayed, idx = joint.sample(args.batch_size)
-                loss_w, priorities = agent.update_ratio(offline.sample(args.ratio_batch_size),
-                                                        online.sample(args.ratio_batch_size), replayed)
+                loss_w, priorities = agent.update_ratio(
+                    offline.sample(args.ratio_batch_size), online.sample(args.ratio_batch_size), replayed
+                )
                 joint.update_priorities(idx, priorities)
-                means.add(dict(agent.update(replayed, alpha), ratio_loss=loss_w,
-                               online_fraction=(idx >= offline.size).float().mean()))
+                means.add(
+                    dict(
+                        agent.update(replayed, alpha),
+                        ratio_loss=loss_w,
+                        online_fraction=(idx >= offline.size).float().mean(),
+                    )
+                )
 
             episode_over = terminated or truncated
             if episode_over:
                 R_current = float(task.normalized(episode_return))
-                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
-                                            "normalized_return": 100 * R_current})
+                run.logs["episodes"].write(
+                    {
+                        "step": step,
+                        "length": episode_length,
+                        "return": episode_return,
+                        "normalized_return": 100 * R_current,
+                    }
+                )
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(run, agent, task, args, "online", step, args.alpha_online, means, env_steps=step,
-                         episode_normalized_return="" if R_current is None else 100 * R_current, buffer_bytes=memory)
+                evaluate(
+                    run,
+                    agent,
+                    task,
+                    args,
+                    "online",
+                    step,
+                    args.alpha_online,
+                    means,
+                    env_steps=step,
+                    episode_normalized_return="" if R_current is None else 100 * R_current,
+                    buffer_bytes=memory,
+                )
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(dict(phase="online", step=step, R_current=R_current, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates, online=online.transitions(),
-                                     joint=joint.state_dict()), rng, env)
+                run.save_latest(
+                    dict(
+                        phase="online",
+                        step=step,
+                        R_current=R_current,
+                        agent=agent.state_dict(),
+                        num_updates=agent.num_updates,
+                        online=online.transitions(),
+                        joint=joint.state_dict(),
+                    ),
+                    rng,
+                    env,
+                )
             if episode_over:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
@@ -552,8 +669,17 @@ def finetune(agent, offline, online, joint, args, run, task, rng, state):
 
 
 # ---- Main: load the data, open the run folder, run the phases (resuming where latest.pt left off) -----------
-NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "num_groups", "group_size", "ensemble",
-                "ratio_hidden_dim", "ratio_hidden_layers", "alpha_offline"]
+NETWORK_KEYS = [
+    "hidden_dim",
+    "hidden_layers",
+    "activation",
+    "num_groups",
+    "group_size",
+    "ensemble",
+    "ratio_hidden_dim",
+    "ratio_hidden_layers",
+    "alpha_offline",
+]
 
 
 def main(args: Args):
@@ -562,20 +688,35 @@ def main(args: Args):
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
     size, obs_dim, space = len(data["rewards"]), data["obs"].shape[1], task.env.action_space
-    if size + args.online_steps > 2 ** 24:
-        raise UsageError(f"the joint buffer would hold {size} + {args.online_steps} transitions, more than the "
-                         f"{2 ** 24} torch.multinomial can sample from; lower --online-steps")
+    if size + args.online_steps > 2**24:
+        raise UsageError(
+            f"the joint buffer would hold {size} + {args.online_steps} transitions, more than the "
+            f"{2**24} torch.multinomial can sample from; lower --online-steps"
+        )
     if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
         args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
     memory = buffer_bytes(size, args.online_steps, obs_dim, space.shape[0])
     check_memory(memory["total"], "the replay buffers")
     capacity = {"offline": size, "online": args.online_steps, "prioritized": size + args.online_steps}
-    run = open_run(args, METHOD, task, dataset_transitions=size, buffer_bytes=memory, buffer_capacity=capacity,
-                   pretrained_from=pretrained and pretrained["path"])
+    run = open_run(
+        args,
+        METHOD,
+        task,
+        dataset_transitions=size,
+        buffer_bytes=memory,
+        buffer_capacity=capacity,
+        pretrained_from=pretrained and pretrained["path"],
+    )
     device, rng = pick_device(args.device), seed_everything(args.seed)
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),
-                       action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
+    run.describe_actor(
+        "Actor",
+        obs_dim=obs_dim,
+        act_dim=space.shape[0],
+        action_low=space.low.tolist(),
+        action_high=space.high.tolist(),
+        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
+    )
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume: latest.pt; --load-offline: offline.pt

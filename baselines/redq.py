@@ -53,7 +53,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -74,9 +74,9 @@ METHOD = "redq"
 class Args(RunArgs):
     dataset: Literal["scratch", "random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "scratch"
     """a label only, no data is loaded: the <dataset> of the run folder, i.e. which plot.py panel shows this run"""
-    dataset_id: Suppress[Optional[str]] = None  # no dataset is read: these RunArgs flags are hidden
+    dataset_id: Suppress[str | None] = None  # no dataset is read: these RunArgs flags are hidden
     random_dataset_steps: Suppress[int] = 1_000_000
-    load_offline: Suppress[Optional[str]] = None
+    load_offline: Suppress[str | None] = None
     online_steps: int = 250_000
     """T, environment steps (paper: 250k, the fine-tuning budget of the offline-to-online methods)"""
     learning_starts: int = 5_000
@@ -115,13 +115,13 @@ class Args(RunArgs):
     """update targets only on actor steps (authors' code) instead of every step (paper, REDQ)"""
     critic_loss_reduction: Literal["sum", "mean"] = "sum"
     """sum the N critics' squared errors (REDQ: each critic its own MSE) or average them (authors' code)"""
-    buffer_size: Optional[int] = None
+    buffer_size: int | None = None
     """FIFO replay capacity (None: online-steps, nothing is overwritten)"""
-    stop_at_score: Optional[float] = None
+    stop_at_score: float | None = None
     """stop at the first evaluation after step 0 whose normalized score (x100) reaches this (D4RL's medium agent)"""
-    export_replay: Optional[str] = None
+    export_replay: str | None = None
     """write every transition collected, warm-up included, as this Minari dataset id (D4RL's medium-replay)"""
-    export_rollouts: Optional[str] = None
+    export_rollouts: str | None = None
     """roll out the final policy for --rollout-steps steps into this Minari dataset id (D4RL's medium/expert)"""
     rollout_steps: int = 1_000_000
     """environment steps of --export-rollouts (D4RL: 1M)"""
@@ -130,14 +130,29 @@ class Args(RunArgs):
 
 
 def check_args(args: Args) -> None:
-    check_ranges(args, positive=["online_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim",
-                                 "num_critics", "num_min_critics", "utd", "learning_rate", "buffer_size",
-                                 "rollout_steps"],
-                 non_negative=["learning_starts", "policy_noise", "noise_clip", "exploration_noise", "rollout_noise"],
-                 fraction=["tau"], finite=["gamma", "stop_at_score"])
+    check_ranges(
+        args,
+        positive=[
+            "online_steps",
+            "batch_size",
+            "policy_freq",
+            "hidden_layers",
+            "hidden_dim",
+            "num_critics",
+            "num_min_critics",
+            "utd",
+            "learning_rate",
+            "buffer_size",
+            "rollout_steps",
+        ],
+        non_negative=["learning_starts", "policy_noise", "noise_clip", "exploration_noise", "rollout_noise"],
+        fraction=["tau"],
+        finite=["gamma", "stop_at_score"],
+    )
     if args.num_min_critics > args.num_critics:
-        raise UsageError(f"--num-min-critics (M={args.num_min_critics}) must be at most --num-critics "
-                         f"(N={args.num_critics})")
+        raise UsageError(
+            f"--num-min-critics (M={args.num_min_critics}) must be at most --num-critics (N={args.num_critics})"
+        )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
     check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers, args.buffer_size or args.online_steps)
@@ -151,8 +166,9 @@ def check_args(args: Args) -> None:
         except UsageError as e:  # also an id that is not a Minari id
             raise UsageError(f"{flag}: {e}") from None
     if args.export_replay is not None and args.export_replay == args.export_rollouts:
-        raise UsageError(f"--export-replay and --export-rollouts must name different datasets, "
-                         f"both are {args.export_replay}")
+        raise UsageError(
+            f"--export-replay and --export-rollouts must name different datasets, both are {args.export_replay}"
+        )
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------
@@ -219,8 +235,9 @@ class ReplayBuffer:
 
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
-        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
-                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
+        self.data = Batch(
+            *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
+        )
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n)."""
@@ -331,8 +348,10 @@ class Agent:
         return metrics
 
     def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        }
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -393,9 +412,16 @@ EPISODE_COLUMNS = ["step", "length", "return", "normalized_return"]  # normalize
 # ---- Training from scratch, then the dataset exports --------------------------------------------------------
 def checkpoint(step, R_episode, agent, buffer, replay, env) -> dict:
     """What latest.pt holds besides the random streams: enough to continue at the next episode's start."""
-    return dict(phase="online", step=step, R_episode=R_episode, agent=agent.state_dict(), num_updates=agent.num_updates,
-                buffer=buffer.state_dict(), replay=None if replay is None else replay.state_dict(),
-                action_space_rng=env.action_space.np_random.bit_generator.state)  # the warm-up's uniform actions
+    return dict(
+        phase="online",
+        step=step,
+        R_episode=R_episode,
+        agent=agent.state_dict(),
+        num_updates=agent.num_updates,
+        buffer=buffer.state_dict(),
+        replay=None if replay is None else replay.state_dict(),
+        action_space_rng=env.action_space.np_random.bit_generator.state,
+    )  # the warm-up's uniform actions
 
 
 def train(agent, buffer, replay, args, run, task, rng, state):
@@ -406,8 +432,9 @@ def train(agent, buffer, replay, args, run, task, rng, state):
     episode_return, episode_length, step, score = 0.0, 0, state["step"], None
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
         for step in range(state["step"] + 1, args.online_steps + 1):
-            action = explore(agent.actor, obs, step, args.learning_starts, env.action_space, noise_std, rng,
-                             agent.device)
+            action = explore(
+                agent.actor, obs, step, args.learning_starts, env.action_space, noise_std, rng, agent.device
+            )
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
             if replay is not None:
@@ -419,14 +446,30 @@ def train(agent, buffer, replay, args, run, task, rng, state):
             episode_over = terminated or truncated
             if episode_over:
                 R_episode = task.normalized(episode_return)
-                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
-                                            "normalized_return": 100 * R_episode})
+                run.logs["episodes"].write(
+                    {
+                        "step": step,
+                        "length": episode_length,
+                        "return": episode_return,
+                        "normalized_return": 100 * R_episode,
+                    }
+                )
             if step % args.eval_every == 0 or step == args.online_steps:
-                score = evaluate(run, agent, task, args, step, means,
-                                 episode_normalized_return="" if R_episode is None else 100 * R_episode)
+                score = evaluate(
+                    run,
+                    agent,
+                    task,
+                    args,
+                    step,
+                    means,
+                    episode_normalized_return="" if R_episode is None else 100 * R_episode,
+                )
                 if args.stop_at_score is not None and score >= args.stop_at_score:
-                    print(f"\nstopping at step {step}: normalized score {score:.1f} >= --stop-at-score "
-                          f"{args.stop_at_score}", file=sys.stderr)
+                    print(
+                        f"\nstopping at step {step}: normalized score {score:.1f} >= --stop-at-score "
+                        f"{args.stop_at_score}",
+                        file=sys.stderr,
+                    )
                     break
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
@@ -441,20 +484,36 @@ def train(agent, buffer, replay, args, run, task, rng, state):
 def export_datasets(agent, replay, args, task, rng, steps_done, score):
     """D4RL's recipes: the replay of every step (medium-replay), the final policy's rollouts (medium, expert)."""
     if args.stop_at_score is not None and score < args.stop_at_score:
-        print(f"note: --stop-at-score {args.stop_at_score} was never reached; the exports hold the agent after "
-              f"all {steps_done} steps", file=sys.stderr)
+        print(
+            f"note: --stop-at-score {args.stop_at_score} was never reached; the exports hold the agent after "
+            f"all {steps_done} steps",
+            file=sys.stderr,
+        )
     env_id, built = task.env.spec.id, "built by baselines/redq.py"
     recipe = f"REDQ on TD3 (N={args.num_critics}, M={args.num_min_critics}, G={args.utd}), seed {args.seed}"
     if replay is not None:
-        replay.write(args.export_replay, env_id, f"{recipe}: replay buffer", f"every transition of {steps_done} "
-                     f"training steps in {env_id} (the first {min(args.learning_starts, steps_done)} uniformly "
-                     f"random), {built}", *task.ref)
+        replay.write(
+            args.export_replay,
+            env_id,
+            f"{recipe}: replay buffer",
+            f"every transition of {steps_done} "
+            f"training steps in {env_id} (the first {min(args.learning_starts, steps_done)} uniformly "
+            f"random), {built}",
+            *task.ref,
+        )
     if args.export_rollouts:
-        rollouts = rollout(agent.actor, gym.make(env_id), args.rollout_steps, args.rollout_noise, rng, agent.device,
-                           args.seed + 200)
-        rollouts.write(args.export_rollouts, env_id, f"{recipe}: final policy rollouts", f"{args.rollout_steps} "
-                       f"steps of pi(s) + N(0, {args.rollout_noise}) in {env_id}, the policy after {steps_done} "
-                       f"training steps (last evaluation {score:.1f}), {built}", *task.ref)
+        rollouts = rollout(
+            agent.actor, gym.make(env_id), args.rollout_steps, args.rollout_noise, rng, agent.device, args.seed + 200
+        )
+        rollouts.write(
+            args.export_rollouts,
+            env_id,
+            f"{recipe}: final policy rollouts",
+            f"{args.rollout_steps} "
+            f"steps of pi(s) + N(0, {args.rollout_noise}) in {env_id}, the policy after {steps_done} "
+            f"training steps (last evaluation {score:.1f}), {built}",
+            *task.ref,
+        )
 
 
 # ---- Main: the environments, the run folder, training (resuming where latest.pt left off), the exports ------
@@ -468,9 +527,16 @@ def main(args: Args):
     device, rng = pick_device(args.device), seed_everything(args.seed)
     obs_dim, space = task.env.observation_space.shape[0], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),
-                       action_high=space.high.tolist(), hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers,
-                       activation=args.activation)
+    run.describe_actor(
+        "Actor",
+        obs_dim=obs_dim,
+        act_dim=space.shape[0],
+        action_low=space.low.tolist(),
+        action_high=space.high.tolist(),
+        hidden_dim=args.hidden_dim,
+        hidden_layers=args.hidden_layers,
+        activation=args.activation,
+    )
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)

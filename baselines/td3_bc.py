@@ -62,7 +62,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ class Args(RunArgs):
     """G, gradient steps per online env step (TD3: 1; the paper does not state G for TD3-ft; 20: the method's)"""
     delay_target_updates: bool = False
     """update targets only on actor steps (TD3+BC's code) instead of every step (paper, Algorithm 1)"""
-    alpha_offline: Optional[float] = None
+    alpha_offline: float | None = None
     """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
     alpha_online: float = 0.0
     """alpha_online, the fixed BC weight of fine-tuning (0: TD3-ft; Fig. 1: 0.1, 0.3)"""
@@ -119,16 +119,35 @@ class Args(RunArgs):
     """keep at least this many offline transitions when downsampling (authors' code: 50k; 0: the ratio alone)"""
     keep_with_replacement: bool = False
     """draw the kept transitions with replacement, as the authors' code does"""
-    buffer_size: Optional[int] = None
+    buffer_size: int | None = None
     """FIFO replay capacity online (None: the kept offline data + online-steps, nothing is overwritten)"""
 
 
 def check_args(args: Args) -> None:
-    check_ranges(args, positive=["offline_steps", "batch_size", "policy_freq", "hidden_layers", "hidden_dim", "utd",
-                                 "learning_rate", "buffer_size"],
-                 non_negative=["online_steps", "policy_noise", "noise_clip", "exploration_noise", "keep_min",
-                               "alpha_offline", "alpha_online"],
-                 fraction=["keep_ratio", "tau"], finite=["gamma"])
+    check_ranges(
+        args,
+        positive=[
+            "offline_steps",
+            "batch_size",
+            "policy_freq",
+            "hidden_layers",
+            "hidden_dim",
+            "utd",
+            "learning_rate",
+            "buffer_size",
+        ],
+        non_negative=[
+            "online_steps",
+            "policy_noise",
+            "noise_clip",
+            "exploration_noise",
+            "keep_min",
+            "alpha_offline",
+            "alpha_online",
+        ],
+        fraction=["keep_ratio", "tau"],
+        finite=["gamma"],
+    )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
     check_run_size(NUM_CRITICS + 1, args.hidden_dim, args.hidden_layers, args.online_steps + (args.buffer_size or 0))
@@ -198,8 +217,9 @@ class ReplayBuffer:
 
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
-        self.data = Batch(*(torch.zeros(capacity, *shape, device=device)
-                            for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()]))
+        self.data = Batch(
+            *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
+        )
 
     def add(self, obs, actions, rewards, next_obs, terminals):
         """Append n transitions (arrays with a leading dimension n)."""
@@ -317,8 +337,10 @@ class Agent:
         return metrics
 
     def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")}
+        return {
+            name: getattr(self, name).state_dict()
+            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        }
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -341,8 +363,17 @@ def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **e
             done = terminated or truncated
         returns.append(episode_return)
     returns = np.array(returns)
-    run.log_evaluation(phase, step, returns, 100 * task.normalized(returns), means.pop(), agent.num_updates, env_steps,
-                       alpha=alpha, **extra)
+    run.log_evaluation(
+        phase,
+        step,
+        returns,
+        100 * task.normalized(returns),
+        means.pop(),
+        agent.num_updates,
+        env_steps,
+        alpha=alpha,
+        **extra,
+    )
     return returns
 
 
@@ -356,8 +387,9 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:],
-                                      ep.terminations)):
+        for key, value in zip(
+            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        ):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
@@ -373,22 +405,29 @@ def pretrain(agent, buffer, args, run, task, rng, start=0):
             if step % args.eval_every == 0 or step == args.offline_steps:
                 evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(dict(phase="offline", step=step, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates), rng)
+                run.save_latest(
+                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
+                )
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def switch_to_online(agent, buffer, args, run, task, rng):
     """Keep the offline data (TD3-ft: all of it) in the online buffer, evaluate the pre-trained agent."""
-    buffer = downsample(buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement,
-                        torch.Generator().manual_seed(args.seed))
-    print(f"switch to online: kept {buffer.size} offline transitions, FIFO capacity {buffer.capacity}",
-          file=sys.stderr)
+    buffer = downsample(
+        buffer,
+        args.buffer_size,
+        args.keep_ratio,
+        args.keep_min,
+        args.keep_with_replacement,
+        torch.Generator().manual_seed(args.seed),
+    )
+    print(f"switch to online: kept {buffer.size} offline transitions, FIFO capacity {buffer.capacity}", file=sys.stderr)
     evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
     state = dict(phase="online", step=0, R_episode=None)
-    run.save_latest(dict(state, agent=agent.state_dict(), num_updates=agent.num_updates,
-                         buffer=buffer.state_dict()), rng, task.env)
+    run.save_latest(
+        dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, task.env
+    )
     return buffer, state
 
 
@@ -414,15 +453,41 @@ def finetune(agent, buffer, args, run, task, rng, state):
             episode_over = terminated or truncated
             if episode_over:
                 R_episode = task.normalized(episode_return)
-                run.logs["episodes"].write({"step": step, "length": episode_length, "return": episode_return,
-                                            "normalized_return": 100 * R_episode})
+                run.logs["episodes"].write(
+                    {
+                        "step": step,
+                        "length": episode_length,
+                        "return": episode_return,
+                        "normalized_return": 100 * R_episode,
+                    }
+                )
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(run, agent, task, args, "online", step, args.alpha_online, means, env_steps=step,
-                         episode_normalized_return="" if R_episode is None else 100 * R_episode)
+                evaluate(
+                    run,
+                    agent,
+                    task,
+                    args,
+                    "online",
+                    step,
+                    args.alpha_online,
+                    means,
+                    env_steps=step,
+                    episode_normalized_return="" if R_episode is None else 100 * R_episode,
+                )
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(dict(phase="online", step=step, R_episode=R_episode, agent=agent.state_dict(),
-                                     num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, env)
+                run.save_latest(
+                    dict(
+                        phase="online",
+                        step=step,
+                        R_episode=R_episode,
+                        agent=agent.state_dict(),
+                        num_updates=agent.num_updates,
+                        buffer=buffer.state_dict(),
+                    ),
+                    rng,
+                    env,
+                )
             if episode_over:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
@@ -444,14 +509,26 @@ def main(args: Args):
     args.buffer_size = args.buffer_size or kept + args.online_steps  # TD3-ft overwrites nothing
     if args.buffer_size < kept:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
-    run = open_run(args, METHOD, task, dataset_transitions=len(data["rewards"]), offline_kept=kept,
-                   pretrained_from=pretrained and pretrained["path"])
+    run = open_run(
+        args,
+        METHOD,
+        task,
+        dataset_transitions=len(data["rewards"]),
+        offline_kept=kept,
+        pretrained_from=pretrained and pretrained["path"],
+    )
 
     device, rng = pick_device(args.device), seed_everything(args.seed)
     obs_dim, space = data["obs"].shape[1], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], action_low=space.low.tolist(),
-                       action_high=space.high.tolist(), **{k: getattr(args, k) for k in NETWORK_KEYS[:3]})
+    run.describe_actor(
+        "Actor",
+        obs_dim=obs_dim,
+        act_dim=space.shape[0],
+        action_low=space.low.tolist(),
+        action_high=space.high.tolist(),
+        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
+    )
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent

@@ -37,11 +37,17 @@ def make_dataset(dataset_id, steps, episode_length=1000):
     from minari.data_collector import EpisodeBuffer
 
     rng = np.random.default_rng(0)
-    episodes = [EpisodeBuffer(id=i, observations=rng.normal(size=(episode_length + 1, 11)),
-                              actions=rng.uniform(-1, 1, (episode_length, 3)).astype(np.float32),
-                              rewards=rng.normal(size=episode_length), terminations=np.zeros(episode_length, bool),
-                              truncations=np.arange(episode_length) == episode_length - 1)
-                for i in range(steps // episode_length)]
+    episodes = [
+        EpisodeBuffer(
+            id=i,
+            observations=rng.normal(size=(episode_length + 1, 11)),
+            actions=rng.uniform(-1, 1, (episode_length, 3)).astype(np.float32),
+            rewards=rng.normal(size=episode_length),
+            terminations=np.zeros(episode_length, bool),
+            truncations=np.arange(episode_length) == episode_length - 1,
+        )
+        for i in range(steps // episode_length)
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         minari.create_dataset_from_buffers(dataset_id, episodes, env="Hopper-v5")
@@ -93,23 +99,35 @@ def main():
         return out
 
     m.Agent.update, m.evaluate, m.downsample = timed_update, timed_evaluate, timed_downsample
-    args = m.Args(dataset_id="bench/hopper/synthetic-v0", offline_steps=opts.offline_steps,
-                  online_steps=opts.online_steps, utd=opts.utd, eval_every=10**9, eval_episodes=opts.eval_episodes,
-                  output_dir=os.path.join(tmp, "runs"))
+    args = m.Args(
+        dataset_id="bench/hopper/synthetic-v0",
+        offline_steps=opts.offline_steps,
+        online_steps=opts.online_steps,
+        utd=opts.utd,
+        eval_every=10**9,
+        eval_episodes=opts.eval_episodes,
+        output_dir=os.path.join(tmp, "runs"),
+    )
     m.check_args(args)
     rss_start = rss_mb()
     m.main(args)
     online_s = time.perf_counter() - stats["online_start"]
     other = online_s - stats["online_update_s"] - stats["online_eval_s"]
-    print(f"\nonline phase: {opts.online_steps} env steps x G={opts.utd}: {online_s:.1f} s wall; "
-          f"gradient steps {stats['online_update_s']:.1f} s, evaluations {stats['online_eval_s']:.1f} s, "
-          f"everything else {other:.2f} s = {100 * other / online_s:.1f}% of the online phase "
-          f"({100 * other / (online_s - stats['online_eval_s']):.1f}% excluding evaluations)")
-    print(f"evaluation: {np.mean(stats['eval_s']):.2f} s each ({opts.eval_episodes} episodes, "
-          f"{len(stats['eval_s'])} evaluations)")
-    print(f"memory: RSS {rss_start:.0f} MB at start; peak {stats['peak_before_switch']:.0f} MB before the switch "
-          f"(RSS {stats['rss_before_switch']:.0f} MB just before it); after the switch RSS at most "
-          f"{stats['rss_after_switch']:.0f} MB")
+    print(
+        f"\nonline phase: {opts.online_steps} env steps x G={opts.utd}: {online_s:.1f} s wall; "
+        f"gradient steps {stats['online_update_s']:.1f} s, evaluations {stats['online_eval_s']:.1f} s, "
+        f"everything else {other:.2f} s = {100 * other / online_s:.1f}% of the online phase "
+        f"({100 * other / (online_s - stats['online_eval_s']):.1f}% excluding evaluations)"
+    )
+    print(
+        f"evaluation: {np.mean(stats['eval_s']):.2f} s each ({opts.eval_episodes} episodes, "
+        f"{len(stats['eval_s'])} evaluations)"
+    )
+    print(
+        f"memory: RSS {rss_start:.0f} MB at start; peak {stats['peak_before_switch']:.0f} MB before the switch "
+        f"(RSS {stats['rss_before_switch']:.0f} MB just before it); after the switch RSS at most "
+        f"{stats['rss_after_switch']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

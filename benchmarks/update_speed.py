@@ -97,8 +97,11 @@ def flops_per_update(num_critics, num_min, hidden, batch, policy_freq=2):
     """Multiply-adds x 2 of the matrix multiplies in one step of the script (a backward = 2 forwards)."""
     critic = (OBS_DIM + ACT_DIM) * hidden + hidden * hidden + hidden
     actor = OBS_DIM * hidden + hidden * hidden + hidden * ACT_DIM
-    macs = batch * (actor + num_min * critic  # target: pi'(s') and M target critics
-                    + 3 * num_critics * critic)  # critic forward + backward
+    macs = batch * (
+        actor
+        + num_min * critic  # target: pi'(s') and M target critics
+        + 3 * num_critics * critic
+    )  # critic forward + backward
     macs += batch * (3 * actor + 2 * num_critics * critic) / policy_freq  # actor step: Q backward to inputs only
     return 2 * macs
 
@@ -116,8 +119,9 @@ def matmul_rate(device, size=1024, seconds=1.0):
 
 def script_at(rev, args, low, high, device):
     """Agent.update of redq_adaptive_bc.py as it was at commit rev, built with the same arguments."""
-    source = subprocess.run(["git", "show", f"{rev}:redq_adaptive_bc.py"], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:redq_adaptive_bc.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / f"redq_adaptive_bc_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -168,8 +172,13 @@ def main():
     args.alpha_offline, args.delay_target_updates = 0.4, False
     buffer = m.ReplayBuffer(100_000, OBS_DIM, ACT_DIM, device)
     n = buffer.capacity
-    buffer.add(torch.randn(n, OBS_DIM), torch.rand(n, ACT_DIM) * 2 - 1, torch.randn(n), torch.randn(n, OBS_DIM),
-               (torch.rand(n) < 0.01).float())
+    buffer.add(
+        torch.randn(n, OBS_DIM),
+        torch.rand(n, ACT_DIM) * 2 - 1,
+        torch.randn(n),
+        torch.randn(n, OBS_DIM),
+        (torch.rand(n) < 0.01).float(),
+    )
     batches = [buffer.sample(args.batch_size) for _ in range(opts.steps)]
     alpha = torch.tensor(0.4, device=device)
 
@@ -177,9 +186,10 @@ def main():
     M = args.num_min_critics
     agent = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
     means = RunningMeans()
-    contenders = {"script": lambda batch, alpha: means.add(agent.update(batch, alpha, M)),
-                  "plain": PlainREDQBC(OBS_DIM, ACT_DIM, args.num_critics, args.num_min_critics, args.hidden_dim,
-                                       device).update}
+    contenders = {
+        "script": lambda batch, alpha: means.add(agent.update(batch, alpha, M)),
+        "plain": PlainREDQBC(OBS_DIM, ACT_DIM, args.num_critics, args.num_min_critics, args.hidden_dim, device).update,
+    }
     if opts.compile:
         compiled = m.Agent(OBS_DIM, ACT_DIM, low, high, args, device)
         compile_step(compiled)
@@ -199,14 +209,18 @@ def main():
     gflop = flops_per_update(args.num_critics, args.num_min_critics, args.hidden_dim, args.batch_size) / 1e9
     peak = matmul_rate(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; N={args.num_critics}, M={args.num_min_critics}, "
-          f"batch {args.batch_size}, hidden {args.hidden_dim}; {opts.repeats} x {opts.steps} steps")
+    print(
+        f"device: {name}; torch {torch.__version__}; N={args.num_critics}, M={args.num_min_critics}, "
+        f"batch {args.batch_size}, hidden {args.hidden_dim}; {opts.repeats} x {opts.steps} steps"
+    )
     print(f"fp32 matmul (1024x1024): {peak:.0f} GFLOP/s; one update = {gflop:.2f} GFLOP (script's matmuls)")
     base = statistics.median(rates["plain"])
     for name, values in rates.items():
         med = statistics.median(values)
-        print(f"{name:>17}: {med:7.1f} updates/s  (min {min(values):.1f}, max {max(values):.1f})  "
-              f"{med * gflop:6.1f} GFLOP/s  x{med / base:.2f} vs plain")
+        print(
+            f"{name:>17}: {med:7.1f} updates/s  (min {min(values):.1f}, max {max(values):.1f})  "
+            f"{med * gflop:6.1f} GFLOP/s  x{med / base:.2f} vs plain"
+        )
 
 
 if __name__ == "__main__":

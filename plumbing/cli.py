@@ -10,10 +10,11 @@ import json
 import math
 import signal
 import sys
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import tyro
 from tqdm import tqdm
@@ -47,7 +48,7 @@ class RunArgs:
     """MuJoCo task (Gymnasium v5)"""
     dataset: Literal["random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "medium"
     """offline dataset (random and medium-expert are built locally on first use)"""
-    dataset_id: Optional[str] = None
+    dataset_id: str | None = None
     """any Minari dataset id, instead of --env/--dataset; its task comes from its env spec, else its
     namespace (local/<env>/...), else --env"""
     seed: int = 0
@@ -60,25 +61,25 @@ class RunArgs:
     """evaluate every this many gradient steps offline / environment steps online (paper: 5000)"""
     eval_episodes: int = 10
     """episodes per evaluation (paper: 10)"""
-    load_offline: Optional[str] = None
+    load_offline: str | None = None
     """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     random_dataset_steps: int = 1_000_000
     """size of the locally built random dataset (D4RL: 1M; other sizes get the id local/<env>/random-<n>steps-v0)"""
-    ref_min_score: Optional[float] = None
+    ref_min_score: float | None = None
     """return that normalizes to 0 (default: dataset metadata, else D4RL's random score)"""
-    ref_max_score: Optional[float] = None
+    ref_max_score: float | None = None
     """return that normalizes to 100 (default: dataset metadata, else D4RL's expert score)"""
     checkpoint_every: int = 50_000
     """write a resumable latest.pt every this many gradient steps offline / env steps online"""
     checkpoint_minutes: float = 30.0
     """also write latest.pt after this many minutes of wall time (a preempted job keeps its progress)"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """a run folder to continue from its latest.pt, with the arguments in its config.json (other flags are ignored)"""
     track: bool = False
     """mirror the logged rows to TensorBoard (<run>/tensorboard) and, when installed, wandb"""
 
 
-def parse_args(Args, method: str, argv: Optional[list[str]] = None, description: str = ""):
+def parse_args(Args, method: str, argv: list[str] | None = None, description: str = ""):
     """tyro.cli with tyro's boxed error folded into one line (exit status 2); --resume reads config.json."""
     captured = io.StringIO()
     try:
@@ -115,8 +116,9 @@ def args_from_run(Args, method: str, run_dir):
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"--resume: {run_dir} is not a run folder (no readable config.json: "
-                         f"{type(e).__name__})") from None
+        raise UsageError(
+            f"--resume: {run_dir} is not a run folder (no readable config.json: {type(e).__name__})"
+        ) from None
     if not isinstance(config, dict) or config.get("method") != method:
         found = config.get("method") if isinstance(config, dict) else None
         raise UsageError(f"--resume: {run_dir} is a run of {found or 'an unknown method'}, not {method}")
@@ -139,7 +141,7 @@ def fits_type(value, annotation) -> bool:
     origin, params = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return value in params
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         return any(fits_type(value, p) for p in params)
     if annotation is type(None):
         return value is None
@@ -155,11 +157,16 @@ def fits_type(value, annotation) -> bool:
 def check_ranges(args, positive=(), non_negative=(), fraction=(), finite=()) -> None:
     """One line per broken rule: positive > 0, non_negative >= 0, fraction in (0, 1], all finite.
     None (an unset optional) passes."""
+
     def flag(name):
         return "--" + name.replace("_", "-")
 
-    for names, ok, rule in [(positive, lambda v: v > 0, "positive"), (non_negative, lambda v: v >= 0, "non-negative"),
-                            (fraction, lambda v: 0 < v <= 1, "in (0, 1]"), (finite, lambda v: True, "finite")]:
+    for names, ok, rule in [
+        (positive, lambda v: v > 0, "positive"),
+        (non_negative, lambda v: v >= 0, "non-negative"),
+        (fraction, lambda v: 0 < v <= 1, "in (0, 1]"),
+        (finite, lambda v: True, "finite"),
+    ]:
         for name in names:
             value = getattr(args, name)
             if value is not None and (not math.isfinite(value) or not ok(value)):
@@ -168,10 +175,12 @@ def check_ranges(args, positive=(), non_negative=(), fraction=(), finite=()) -> 
 
 def check_run_args(args) -> None:
     """The checks of RunArgs's flags."""
-    check_ranges(args, positive=["eval_every", "eval_episodes", "random_dataset_steps", "checkpoint_every",
-                                 "checkpoint_minutes"],
-                 finite=["ref_min_score", "ref_max_score"])
-    if not 0 <= args.seed < 2 ** 32:
+    check_ranges(
+        args,
+        positive=["eval_every", "eval_episodes", "random_dataset_steps", "checkpoint_every", "checkpoint_minutes"],
+        finite=["ref_min_score", "ref_max_score"],
+    )
+    if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.device == "cuda":
         import torch

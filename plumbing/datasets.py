@@ -46,8 +46,10 @@ def datasets_root() -> Path:
 def dataset_path(dataset_id: str) -> Path:
     """The dataset's folder, refusing ids that would leave the datasets root."""
     if not DATASET_ID.fullmatch(dataset_id) or any(part in ("", ".", "..") for part in dataset_id.split("/")):
-        raise UsageError(f"dataset id {dataset_id!r} is not a Minari id like mujoco/hopper/medium-v0 "
-                         f"(letters, digits, '_', '.', '-', '/'-separated, ending in -v<version>)")
+        raise UsageError(
+            f"dataset id {dataset_id!r} is not a Minari id like mujoco/hopper/medium-v0 "
+            f"(letters, digits, '_', '.', '-', '/'-separated, ending in -v<version>)"
+        )
     return datasets_root() / dataset_id
 
 
@@ -90,8 +92,10 @@ def open_dataset(dataset_id: str):
 
     path = dataset_path(dataset_id) / "data"
     if not (path / "metadata.json").is_file():
-        raise UsageError(f"dataset {dataset_id}: {path} has no metadata.json (an incomplete copy?); "
-                         f"delete {path.parent} to download or build it again")
+        raise UsageError(
+            f"dataset {dataset_id}: {path} has no metadata.json (an incomplete copy?); "
+            f"delete {path.parent} to download or build it again"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -100,8 +104,10 @@ def open_dataset(dataset_id: str):
             if num_episodes:  # reads the episode file, so a truncated one or a lost last episode shows here
                 list(dataset.iterate_episodes([0, num_episodes - 1]))
     except Exception as e:  # h5py, json and Minari errors alike
-        raise UsageError(f"dataset {dataset_id} in {path.parent} cannot be read ({one_line(e)}); "
-                         f"delete the folder to download or build it again") from None
+        raise UsageError(
+            f"dataset {dataset_id} in {path.parent} cannot be read ({one_line(e)}); "
+            f"delete the folder to download or build it again"
+        ) from None
     if num_episodes == 0:
         raise UsageError(f"dataset {dataset_id} has no episodes")
     return dataset
@@ -127,13 +133,19 @@ def obtain_dataset(dataset_id: str) -> None:
         raise UsageError(
             f"dataset {dataset_id} does not exist: Minari's server has no medium-replay data and D4RL's recipe needs "
             f"the replay buffer of a behavior agent; build it with `python baselines/redq.py --export-replay "
-            f"{dataset_id} ...` (docs/datasets.md) or choose another --dataset")
+            f"{dataset_id} ...` (docs/datasets.md) or choose another --dataset"
+        )
     else:
         local = sorted(str(p.parent.relative_to(datasets_root())) for p in datasets_root().glob("local/**/data"))
         close = difflib.get_close_matches(dataset_id, local, n=3)
-        raise UsageError(f"local dataset {dataset_id} not found in {datasets_root()} (local ids are never downloaded"
-                         + (f"; did you mean {' or '.join(close)}?)" if close else
-                            f"; {len(local)} local datasets there; set MINARI_DATASETS_PATH or build it)"))
+        raise UsageError(
+            f"local dataset {dataset_id} not found in {datasets_root()} (local ids are never downloaded"
+            + (
+                f"; did you mean {' or '.join(close)}?)"
+                if close
+                else f"; {len(local)} local datasets there; set MINARI_DATASETS_PATH or build it)"
+            )
+        )
 
 
 def download_dataset(dataset_id: str) -> None:
@@ -148,7 +160,8 @@ def download_dataset(dataset_id: str) -> None:
         raise UsageError(
             f"dataset {dataset_id} is not in {datasets_root()} and could not be downloaded ({one_line(e)}); "
             f"on a machine with internet access run `minari download {dataset_id}` and copy "
-            f"~/.minari/datasets/{dataset_id} into {datasets_root()}") from None
+            f"~/.minari/datasets/{dataset_id} into {datasets_root()}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -168,8 +181,10 @@ def staged_dataset(dataset_id: str):
             os.replace(scratch / dataset_id, root / dataset_id)
         except OSError as e:  # a parallel run finished the same dataset first (keep its copy), or a stray folder
             if not (root / dataset_id / "data" / "metadata.json").is_file():
-                raise UsageError(f"dataset {dataset_id}: cannot move it into {root / dataset_id} ({e.strerror}); "
-                                 f"that folder holds no dataset: delete it and try again") from None
+                raise UsageError(
+                    f"dataset {dataset_id}: cannot move it into {root / dataset_id} ({e.strerror}); "
+                    f"that folder holds no dataset: delete it and try again"
+                ) from None
     finally:
         os.environ["MINARI_DATASETS_PATH"] = str(root)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -215,8 +230,13 @@ def build_random_dataset(dataset_id: str, env_id: str, num_steps: int, seed: int
             ep["truncations"][-1] = not terminated  # the budget cut the last episode: a time-out, not a termination
             episodes.append(EpisodeBuffer(id=len(episodes), **{k: np.asarray(v) for k, v in ep.items()}))
             bar.update(len(ep["rewards"]))
-    write_dataset(dataset_id, episodes, env_id, algorithm_name="uniform random policy (D4RL random recipe)",
-                  description=f"{num_steps} steps of uniformly random actions in {env_id}")
+    write_dataset(
+        dataset_id,
+        episodes,
+        env_id,
+        algorithm_name="uniform random policy (D4RL random recipe)",
+        description=f"{num_steps} steps of uniformly random actions in {env_id}",
+    )
 
 
 def write_dataset(dataset_id, episodes, env_id, algorithm_name, description, ref_min=None, ref_max=None) -> None:
@@ -227,8 +247,15 @@ def write_dataset(dataset_id, episodes, env_id, algorithm_name, description, ref
     print(f"writing {dataset_id}: {len(episodes)} episodes ...", file=sys.stderr)
     with staged_dataset(dataset_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Minari warns about unset author/permalink fields
-        minari.create_dataset_from_buffers(dataset_id, episodes, env=env_id, algorithm_name=algorithm_name,
-                                           description=description, ref_min_score=ref_min, ref_max_score=ref_max)
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            episodes,
+            env=env_id,
+            algorithm_name=algorithm_name,
+            description=description,
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,22 +293,27 @@ def check_transitions(data: dict, dataset_id: str, action_space, tolerance: floa
         raise UsageError(f"dataset {dataset_id} has no transitions")
     low, high = actions.min(axis=0), actions.max(axis=0)
     if (low < action_space.low - tolerance).any() or (high > action_space.high + tolerance).any():
-        raise UsageError(f"dataset {dataset_id}: actions span [{low.min():.3g}, {high.max():.3g}], outside the "
-                         f"environment's bounds [{action_space.low.min():.3g}, {action_space.high.max():.3g}]")
+        raise UsageError(
+            f"dataset {dataset_id}: actions span [{low.min():.3g}, {high.max():.3g}], outside the "
+            f"environment's bounds [{action_space.low.min():.3g}, {action_space.high.max():.3g}]"
+        )
 
 
 def reference_scores(dataset, env_name: str, ref_min: float | None, ref_max: float | None):
     """(ref_min, ref_max, source): each end from its flag, else the dataset's metadata, else D4RL's table."""
     metadata = dataset.storage.metadata if dataset is not None else {}
-    return choose_reference_scores(env_name, ref_min, ref_max, metadata.get("ref_min_score"),
-                                   metadata.get("ref_max_score"))
+    return choose_reference_scores(
+        env_name, ref_min, ref_max, metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    )
 
 
 def choose_reference_scores(env_name, flag_min, flag_max, meta_min=None, meta_max=None):
     d4rl = D4RL_REF_SCORES.get(env_name, (None, None))
     ends = []
-    for candidates in ([(flag_min, "flags"), (meta_min, "dataset metadata"), (d4rl[0], "D4RL table")],
-                       [(flag_max, "flags"), (meta_max, "dataset metadata"), (d4rl[1], "D4RL table")]):
+    for candidates in (
+        [(flag_min, "flags"), (meta_min, "dataset metadata"), (d4rl[0], "D4RL table")],
+        [(flag_max, "flags"), (meta_max, "dataset metadata"), (d4rl[1], "D4RL table")],
+    ):
         value, source = next(((v, s) for v, s in candidates if v is not None), (None, None))
         if value is None:
             raise UsageError(f"no reference scores for {env_name}: pass --ref-min-score and --ref-max-score")
@@ -294,6 +326,7 @@ def choose_reference_scores(env_name, flag_min, flag_max, meta_min=None, meta_ma
 
 class Task(NamedTuple):
     """What a run trains on: the dataset, its environments, and the reference scores of D4RL normalization."""
+
     dataset_id: str
     dataset: object  # minari.MinariDataset
     env: gym.Env
@@ -317,8 +350,11 @@ def open_task(args) -> Task:
     ref_min, ref_max, source = reference_scores(dataset, env_name, args.ref_min_score, args.ref_max_score)
     if args.resume:  # config.json holds the values resolved when the run started (and their source)
         source = f"{args.resume}/config.json"
-    print(f"{dataset_id}: {dataset.total_steps} steps in {dataset.total_episodes} episodes; {env.spec.id}; "
-          f"reference scores {ref_min:.6g} (0) / {ref_max:.6g} (100) from {source}", file=sys.stderr)
+    print(
+        f"{dataset_id}: {dataset.total_steps} steps in {dataset.total_episodes} episodes; {env.spec.id}; "
+        f"reference scores {ref_min:.6g} (0) / {ref_max:.6g} (100) from {source}",
+        file=sys.stderr,
+    )
     return Task(dataset_id, dataset, env, eval_env, env_name, dataset_name_of(dataset_id), (ref_min, ref_max), source)
 
 

@@ -44,9 +44,15 @@ class EpisodeRecorder:
         for end in np.flatnonzero(self.terminations[:n] | truncations):
             steps = slice(start, end + 1)
             last = self.final_obs.get(end, self.next_obs)  # not there: the cut episode
-            episodes.append(dict(observations=np.concatenate([self.obs[steps], last[None]]),
-                                 actions=self.actions[steps], rewards=self.rewards[steps],
-                                 terminations=self.terminations[steps], truncations=truncations[steps]))
+            episodes.append(
+                dict(
+                    observations=np.concatenate([self.obs[steps], last[None]]),
+                    actions=self.actions[steps],
+                    rewards=self.rewards[steps],
+                    terminations=self.terminations[steps],
+                    truncations=truncations[steps],
+                )
+            )
             start = end + 1
         return episodes
 
@@ -61,11 +67,15 @@ class EpisodeRecorder:
     def state_dict(self) -> dict:
         """The steps so far as tensors (torch.load(weights_only=True) reads no numpy arrays)."""
         n, ends = self.size, sorted(self.final_obs)
-        return {"size": n, **{name: torch.from_numpy(getattr(self, name)[:n].copy()) for name in self.FIELDS},
-                "final_obs_index": ends,
-                "final_obs": torch.from_numpy(np.array([self.final_obs[i] for i in ends], self.obs.dtype)
-                                              .reshape(len(ends), *self.obs.shape[1:])),
-                "next_obs": None if self.next_obs is None else torch.from_numpy(self.next_obs.copy())}
+        return {
+            "size": n,
+            **{name: torch.from_numpy(getattr(self, name)[:n].copy()) for name in self.FIELDS},
+            "final_obs_index": ends,
+            "final_obs": torch.from_numpy(
+                np.array([self.final_obs[i] for i in ends], self.obs.dtype).reshape(len(ends), *self.obs.shape[1:])
+            ),
+            "next_obs": None if self.next_obs is None else torch.from_numpy(self.next_obs.copy()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         n = self.size = state["size"]

@@ -36,8 +36,20 @@ import torch
 from plumbing.cli import Preempted, RunFinished, TrainingDiverged, UsageError, stop_requested
 
 # Every key of a progress.csv row, in order, for every method (docs/adding-a-method.md).
-PROGRESS_COLUMNS = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha",
-                    "critic_loss", "actor_loss", "q_mean", "updates_per_s", "env_steps_per_s", "wall_s"]
+PROGRESS_COLUMNS = [
+    "phase",
+    "step",
+    "normalized_score",
+    "normalized_score_std",
+    "return_mean",
+    "alpha",
+    "critic_loss",
+    "actor_loss",
+    "q_mean",
+    "updates_per_s",
+    "env_steps_per_s",
+    "wall_s",
+]
 ECHOED = ("phase", "step", "normalized_score", "alpha")  # printed per row when stderr is not a terminal
 
 
@@ -123,7 +135,7 @@ class RunFolder:
             self.tracker = Tracker(path / "tensorboard", config)
 
     @classmethod
-    def create(cls, output_dir, name: str, config: dict) -> "RunFolder":
+    def create(cls, output_dir, name: str, config: dict) -> RunFolder:
         """A new folder <output_dir>/<name>__<unix time>, suffixed -1, -2, ... if that name is taken."""
         base = Path(output_dir) / f"{name}__{int(time.time())}"
         for k in range(1000):
@@ -141,7 +153,7 @@ class RunFolder:
         return cls(path, config, latest=None, resumed=False)
 
     @classmethod
-    def reopen(cls, path) -> "RunFolder":
+    def reopen(cls, path) -> RunFolder:
         """An existing run folder (--resume), with its latest.pt state (None: start again from the beginning)."""
         path = Path(path)
         if (path / "final.pt").exists():
@@ -172,14 +184,23 @@ class RunFolder:
     def meta(self) -> dict:
         return {"method": self.config["method"], "config": self.config, "actor": self.actor_description}
 
-    def log_evaluation(self, phase: str, step: int, returns, scores, losses: dict, updates: int, env_steps: int = 0,
-                       **extra) -> None:
+    def log_evaluation(
+        self, phase: str, step: int, returns, scores, losses: dict, updates: int, env_steps: int = 0, **extra
+    ) -> None:
         """A progress.csv row: an evaluation's returns and normalized scores (x100), the losses averaged since the
         previous row, the speeds since then. A non-finite loss stops the run (TrainingDiverged, exit status 1)."""
-        self.logs["progress"].write(dict(phase=phase, step=step, normalized_score=float(np.mean(scores)),
-                                         normalized_score_std=float(np.std(scores)),
-                                         return_mean=float(np.mean(returns)),
-                                         **losses, **self.speed(updates, env_steps), **extra))
+        self.logs["progress"].write(
+            dict(
+                phase=phase,
+                step=step,
+                normalized_score=float(np.mean(scores)),
+                normalized_score_std=float(np.std(scores)),
+                return_mean=float(np.mean(returns)),
+                **losses,
+                **self.speed(updates, env_steps),
+                **extra,
+            )
+        )
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(f"a loss became non-finite ({losses}) at {phase} step {step}")
 
@@ -191,9 +212,11 @@ class RunFolder:
         now, last_updates, last_steps = time.monotonic(), self.clock[1], self.clock[2]
         elapsed = max(now - self.clock[0], 1e-9)
         self.clock = (now, updates, env_steps)
-        return {"updates_per_s": (updates - last_updates) / elapsed if updates > last_updates else "",
-                "env_steps_per_s": (env_steps - last_steps) / elapsed if env_steps > last_steps else "",
-                "wall_s": self.wall_s()}
+        return {
+            "updates_per_s": (updates - last_updates) / elapsed if updates > last_updates else "",
+            "env_steps_per_s": (env_steps - last_steps) / elapsed if env_steps > last_steps else "",
+            "wall_s": self.wall_s(),
+        }
 
     # ---- checkpoints ---------------------------------------------------------------------
     def checkpoint_due(self, step: int, safe: bool = True) -> bool:
@@ -201,13 +224,20 @@ class RunFolder:
         if stop_requested:
             return True
         last_step, last_time = self.last_checkpoint
-        return safe and (step - last_step >= self.config["checkpoint_every"]
-                         or time.monotonic() - last_time >= 60 * self.config["checkpoint_minutes"])
+        return safe and (
+            step - last_step >= self.config["checkpoint_every"]
+            or time.monotonic() - last_time >= 60 * self.config["checkpoint_minutes"]
+        )
 
     def save_latest(self, state: dict, rng: np.random.Generator, env=None) -> None:
         """Write latest.pt (state + every random stream + log lengths); raise Preempted if a stop signal came."""
-        state = {**state, "rng": rng_states(rng, env), "wall_s": self.wall_s(), "means": self.means.state_dict(),
-                 "logs": {name: log.rows for name, log in self.logs.items()}}
+        state = {
+            **state,
+            "rng": rng_states(rng, env),
+            "wall_s": self.wall_s(),
+            "means": self.means.state_dict(),
+            "logs": {name: log.rows for name, log in self.logs.items()},
+        }
         save_torch(self.path / "latest.pt", state)
         self.last_checkpoint = (state["step"], time.monotonic())
         if stop_requested:
@@ -223,8 +253,10 @@ class RunFolder:
                 agent.load_state_dict(start["agent"])
             except (RuntimeError, KeyError, ValueError) as e:
                 source = "latest.pt" if self.latest else pretrained["path"]
-                raise UsageError(f"{source} does not fit the networks of this run's configuration "
-                                 f"({str(e).strip().splitlines()[0][:160]})") from None
+                raise UsageError(
+                    f"{source} does not fit the networks of this run's configuration "
+                    f"({str(e).strip().splitlines()[0][:160]})"
+                ) from None
             agent.num_updates = start["num_updates"]
             set_rng_states(start["rng"], rng, env)
         return self.latest
@@ -232,8 +264,10 @@ class RunFolder:
     def save_offline(self, agent: dict, num_updates: int, rng: np.random.Generator) -> None:
         """offline.pt: the pre-trained agent, the run's configuration, and the random streams at this point,
         so a run fine-tuning it with --load-offline continues exactly as this process would."""
-        save_torch(self.path / "offline.pt", {"agent": agent, "meta": self.meta(), "num_updates": num_updates,
-                                              "rng": rng_states(rng)})
+        save_torch(
+            self.path / "offline.pt",
+            {"agent": agent, "meta": self.meta(), "num_updates": num_updates, "rng": rng_states(rng)},
+        )
 
     def finish(self, agent: dict, actor: dict) -> None:
         """final.pt (the whole agent) and actor.pt (the policy alone), then latest.pt is no longer needed."""
@@ -242,8 +276,10 @@ class RunFolder:
         (self.path / "latest.pt").unlink(missing_ok=True)
         with open(self.path / "progress.csv", newline="") as f:
             scores = [float(row["normalized_score"]) for row in csv.DictReader(f) if row["normalized_score"]]
-        print(f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, wall time {self.wall_s():.0f} s, "
-              f"run folder {self.path}")
+        print(
+            f"final normalized score {scores[-1]:.1f}, best {max(scores):.1f}, wall time {self.wall_s():.0f} s, "
+            f"run folder {self.path}"
+        )
 
     def close(self) -> None:
         for log in self.logs.values():
@@ -252,14 +288,23 @@ class RunFolder:
             self.tracker.close()
 
 
-def open_run(args, method: str, task, **info) -> "RunFolder":
+def open_run(args, method: str, task, **info) -> RunFolder:
     """--resume's folder, or a new one named <env>-<dataset>__<method>__<seed>__<time> whose config.json holds
     every argument, the task (dataset, env, reference scores) and info."""
     if args.resume:
         return RunFolder.reopen(args.resume)
-    config = {"method": method, **dataclasses.asdict(args), "dataset_id": task.dataset_id, "env_id": task.env.spec.id,
-              "env_name": task.env_name, "dataset_name": task.dataset_name, "ref_min_score": task.ref[0],
-              "ref_max_score": task.ref[1], "ref_source": task.ref_source, **info}
+    config = {
+        "method": method,
+        **dataclasses.asdict(args),
+        "dataset_id": task.dataset_id,
+        "env_id": task.env.spec.id,
+        "env_name": task.env_name,
+        "dataset_name": task.dataset_name,
+        "ref_min_score": task.ref[0],
+        "ref_max_score": task.ref[1],
+        "ref_source": task.ref_source,
+        **info,
+    }
     return RunFolder.create(args.output_dir, f"{task.env_name}-{task.dataset_name}__{method}__{args.seed}", config)
 
 
@@ -307,10 +352,16 @@ def load_pretrained(args, method: str, network_keys) -> dict:
         if value == defaults[key]:
             setattr(args, key, source[key])
         elif value != source[key]:
-            raise UsageError(f"--load-offline: {path} was pre-trained with --{key.replace('_', '-')} {source[key]}, "
-                             f"this run asks for {value}; leave the flag out to use the pre-training value")
-    return {"agent": checkpoint["agent"], "num_updates": checkpoint["num_updates"], "rng": checkpoint["rng"],
-            "path": str(path)}
+            raise UsageError(
+                f"--load-offline: {path} was pre-trained with --{key.replace('_', '-')} {source[key]}, "
+                f"this run asks for {value}; leave the flag out to use the pre-training value"
+            )
+    return {
+        "agent": checkpoint["agent"],
+        "num_updates": checkpoint["num_updates"],
+        "rng": checkpoint["rng"],
+        "path": str(path),
+    }
 
 
 # The dataset settings --load-offline takes over (its reference scores follow from the dataset as before).
@@ -362,8 +413,9 @@ def check_memory(nbytes: int, what: str) -> None:
     except (OSError, StopIteration, ValueError):
         return  # not Linux: let the allocation decide
     if nbytes > free:
-        raise UsageError(f"{what} need about {nbytes / 2 ** 30:.1f} GiB, but this machine has "
-                         f"{free / 2 ** 30:.1f} GiB free")
+        raise UsageError(
+            f"{what} need about {nbytes / 2**30:.1f} GiB, but this machine has {free / 2**30:.1f} GiB free"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,9 +423,13 @@ def check_memory(nbytes: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------
 def rng_states(rng: np.random.Generator, env=None) -> dict:
     """Every random stream a run draws from, so a resumed run continues it exactly."""
-    return {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "env": None if env is None else env.unwrapped.np_random.bit_generator.state}
+    return {
+        "python": random.getstate(),
+        "numpy": rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "env": None if env is None else env.unwrapped.np_random.bit_generator.state,
+    }
 
 
 def set_rng_states(states: dict, rng: np.random.Generator, env=None) -> None:
@@ -400,8 +456,13 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if commit.returncode != 0:

@@ -28,8 +28,12 @@ class Tracker:
         if importlib.util.find_spec("wandb") is not None:
             import wandb
 
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "redq-adaptive-bc"), config=config,
-                                    name=os.path.basename(str(log_dir.parent)), dir=str(log_dir.parent))
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "redq-adaptive-bc"),
+                config=config,
+                name=os.path.basename(str(log_dir.parent)),
+                dir=str(log_dir.parent),
+            )
         self.offline_steps = config.get("offline_steps") or 0
 
     def log(self, log_name: str, row: dict) -> None:

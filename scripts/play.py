@@ -42,8 +42,10 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if "MUJOCO_GL" not in os.environ and sys.platform.startswith("linux") and not (
-    os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+if (
+    "MUJOCO_GL" not in os.environ
+    and sys.platform.startswith("linux")
+    and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 ):
     os.environ["MUJOCO_GL"] = "egl"  # headless: must be set before MuJoCo is imported
 
@@ -84,8 +86,11 @@ def load_policy_file(path: Path) -> dict:
         checkpoint = {"actor": agent.get("actor") if isinstance(agent, dict) else None, "meta": checkpoint["meta"]}
     meta = checkpoint["meta"]
     description = meta.get("actor")
-    if not isinstance(checkpoint.get("actor"), dict) or not isinstance(description, dict) or not {
-        "class", "kwargs"} <= description.keys():
+    if (
+        not isinstance(checkpoint.get("actor"), dict)
+        or not isinstance(description, dict)
+        or not {"class", "kwargs"} <= description.keys()
+    ):
         raise UsageError(f"{path} does not hold a policy with its network description (meta['actor'])")
     if not isinstance(meta.get("config"), dict):
         meta["config"] = read_config(path.parent)
@@ -187,8 +192,13 @@ class VideoFrames:
         if frame is None:
             raise UsageError("the environment rendered no frame (render_mode='rgb_array' unsupported?)")
         if self.writer is None:
-            self.writer = self.ffmpeg.write_frames(str(self.path), (frame.shape[1], frame.shape[0]), fps=self.fps,
-                                                   macro_block_size=1, ffmpeg_log_level="error")
+            self.writer = self.ffmpeg.write_frames(
+                str(self.path),
+                (frame.shape[1], frame.shape[0]),
+                fps=self.fps,
+                macro_block_size=1,
+                ffmpeg_log_level="error",
+            )
             self.writer.send(None)  # start the generator
         self.writer.send(np.ascontiguousarray(frame))
         self.count += 1
@@ -223,8 +233,12 @@ def parse_args(argv=None):
     parser.add_argument("run_dir", type=Path, help="a finished run folder (with actor.pt or final.pt)")
     parser.add_argument("--episodes", type=positive_int, default=10, metavar="N", help="episodes to play (default 10)")
     parser.add_argument("--seed", type=int, help="reset seed of the first episode (default: the run's seed + 100)")
-    parser.add_argument("--video", type=Path, metavar="PATH.mp4",
-                        help=f"also write the episodes as a video (needs: {VIDEO_HELP}; headless: MUJOCO_GL=egl)")
+    parser.add_argument(
+        "--video",
+        type=Path,
+        metavar="PATH.mp4",
+        help=f"also write the episodes as a video (needs: {VIDEO_HELP}; headless: MUJOCO_GL=egl)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the policy (default cpu)")
     return parser.parse_args(argv)
 
@@ -263,23 +277,38 @@ def main(argv=None):
                 env.render()
         except Exception as e:
             reason = (str(e).strip().splitlines() or [""])[-1][:120]
-            raise UsageError(f"rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(e).__name__}: "
-                             f"{reason}); headless Linux needs apt-get install libegl1 libgl1-mesa-dri "
-                             "(or MUJOCO_GL=osmesa with libosmesa6)") from None
+            raise UsageError(
+                f"rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(e).__name__}: "
+                f"{reason}); headless Linux needs apt-get install libegl1 libgl1-mesa-dri "
+                "(or MUJOCO_GL=osmesa with libosmesa6)"
+            ) from None
     lo, hi = float(config["ref_min_score"]), float(config["ref_max_score"])
-    normalize = lambda ret: 100 * (ret - lo) / (hi - lo)  # noqa: E731  D4RL's score, x100
-    print(f"{config['env_id']}, {checkpoint['meta']['method']} policy from {checkpoint['path']}, seed {seed}",
-          flush=True)
+
+    def normalize(ret):  # D4RL's score, x100
+        return 100 * (ret - lo) / (hi - lo)
+
+    print(
+        f"{config['env_id']}, {checkpoint['meta']['method']} policy from {checkpoint['path']}, seed {seed}", flush=True
+    )
     try:
-        returns = play(actor, env, args.episodes, seed, device, frames, report=lambda i, ret: print(
-            f"episode {i}: return {ret:.4f}  normalized {normalize(ret):.4f}", flush=True))
+        returns = play(
+            actor,
+            env,
+            args.episodes,
+            seed,
+            device,
+            frames,
+            report=lambda i, ret: print(f"episode {i}: return {ret:.4f}  normalized {normalize(ret):.4f}", flush=True),
+        )
     finally:
         if frames is not None:
             frames.close()
         env.close()
     scores = normalize(returns)
-    print(f"mean normalized score (x100): {scores.mean():.4f} ± {scores.std():.4f} over {len(returns)} episodes "
-          f"(mean return {returns.mean():.4f}; reference scores {lo:g} / {hi:g})")
+    print(
+        f"mean normalized score (x100): {scores.mean():.4f} ± {scores.std():.4f} over {len(returns)} episodes "
+        f"(mean return {returns.mean():.4f}; reference scores {lo:g} / {hi:g})"
+    )
     if frames is not None:
         print(f"wrote {args.video} ({frames.count} frames at {frames.fps:g} fps)")
     return 0

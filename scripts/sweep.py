@@ -30,19 +30,26 @@ import subprocess
 import sys
 import time
 from collections import Counter, namedtuple
-from itertools import count, groupby, product
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"redq_adaptive_bc": "redq_adaptive_bc.py", "td3_bc": "baselines/td3_bc.py", "redq": "baselines/redq.py",
-           "awac": "baselines/awac.py", "balanced_replay": "baselines/balanced_replay.py"}
+METHODS = {
+    "redq_adaptive_bc": "redq_adaptive_bc.py",
+    "td3_bc": "baselines/td3_bc.py",
+    "redq": "baselines/redq.py",
+    "awac": "baselines/awac.py",
+    "balanced_replay": "baselines/balanced_replay.py",
+}
 RESERVED = ("--env", "--dataset", "--seed", "--output-dir", "--resume")  # set by the sweep for every run
 # Pre-training flags: what --load-offline takes over (dataset, offline-steps, NETWORK_KEYS), then offline update knobs
-PRETRAINING = set("""dataset-id random-dataset-steps offline-steps hidden-dim hidden-layers activation num-critics
+PRETRAINING = set(
+    """dataset-id random-dataset-steps offline-steps hidden-dim hidden-layers activation num-critics
     critic-init alpha-offline actor-hidden-layers state-dependent-std log-std-min log-std-max num-groups group-size
     ensemble ratio-hidden-dim ratio-hidden-layers min-over-all-offline authors-code learning-rate batch-size tau gamma
     policy-noise noise-clip policy-freq delay-target-updates critic-loss-reduction actor-weight-decay lam
-    target-update-period normalize-weights max-weight num-action-samples""".split())
+    target-update-period normalize-weights max-weight num-action-samples""".split()
+)
 PAPER_ENVS = ("hopper", "halfcheetah", "walker2d")
 PAPER_DATASETS = ("random", "medium", "medium-replay", "medium-expert")  # the paper leaves out Expert
 Run = namedtuple("Run", "index argv label after")  # after: the task whose pre-trained agent it fine-tunes
@@ -50,28 +57,56 @@ Run = namedtuple("Run", "index argv label after")  # after: the task whose pre-t
 # the index of the job that must succeed first. status: ok, failed, complete, skipped, interrupted, not started.
 Job = namedtuple("Job", "name plan log label after", defaults=("", None))
 Result = namedtuple("Result", "job status returncode seconds", defaults=(None, 0.0))
-seconds = lambda s: f"{s:.1f}s" if s < 60 else f"{s / 60:.1f}m" if s < 3600 else f"{s / 3600:.1f}h"  # noqa: E731
+
+
+def seconds(s):
+    """A duration for humans: 42.0s, 3.5m, 1.2h."""
+    return f"{s:.1f}s" if s < 60 else f"{s / 60:.1f}m" if s < 3600 else f"{s / 3600:.1f}h"
+
 
 # A method's variants ("" = its defaults); chain: --pretrain-once applies (else whole runs); datasets: not the sweep's
 Group = namedtuple("Group", "method variants chain datasets", defaults=(("",), False, ()))
 Figure = namedtuple("Figure", "title groups datasets envs plot", defaults=(PAPER_DATASETS, PAPER_ENVS, ""))
 FIGURES = {
-    1: Figure("TD3+BC with fixed alpha_online, fine-tuning one pre-training", (Group("td3_bc", tuple(
-        f"--alpha-online {a}" for a in ("0.0", "0.1", "0.3")), True),), ("medium",),
-        plot="--methods td3_bc --label-by alpha_online --out plots/fig1"),
-    2: Figure("the method vs peers, which also run at its G = 20 (--utd 20); REDQ from scratch once per env and seed", (
-        Group("redq_adaptive_bc"), *(Group(m, ("", "--utd 20"), True) for m in ("td3_bc", "awac", "balanced_replay")),
-        Group("redq", datasets=("scratch",))), plot="--out plots/fig2"),
-    3: Figure("adaptive vs fixed alpha_online, all fine-tuning one pre-training", (Group(
-        "redq_adaptive_bc", ("",) + tuple(f"--no-adaptive-bc --alpha-online {a}" for a in ("0.0", "0.1", "0.2", "0.3")),
-        True),), plot="--methods redq_adaptive_bc --label-by adaptive_bc alpha_online --out plots/fig3"),
-    4: Figure("TD3-ft with and without downsampling, fine-tuning one pre-training", (Group(
-        "td3_bc", ("--keep-ratio 1.0", "--keep-ratio 0.05"), True),), ("random",),
-        plot="--methods td3_bc --datasets random --label-by keep_ratio --out plots/fig4"),
-    5: Figure("uses of the ensemble (hopper); the min over all ten critics (--num-min-critics 10) acts in fine-tuning "
-              "only (the authors' scope)", (Group("redq_adaptive_bc", ("", "--num-min-critics 10",
-              "--num-critics 2 --num-min-critics 2"), True),), envs=("hopper",),
-              plot="--methods redq_adaptive_bc --envs hopper --label-by num_critics num_min_critics --out plots/fig5"),
+    1: Figure(
+        "TD3+BC with fixed alpha_online, fine-tuning one pre-training",
+        (Group("td3_bc", tuple(f"--alpha-online {a}" for a in ("0.0", "0.1", "0.3")), True),),
+        ("medium",),
+        plot="--methods td3_bc --label-by alpha_online --out plots/fig1",
+    ),
+    2: Figure(
+        "the method vs peers, which also run at its G = 20 (--utd 20); REDQ from scratch once per env and seed",
+        (
+            Group("redq_adaptive_bc"),
+            *(Group(m, ("", "--utd 20"), True) for m in ("td3_bc", "awac", "balanced_replay")),
+            Group("redq", datasets=("scratch",)),
+        ),
+        plot="--out plots/fig2",
+    ),
+    3: Figure(
+        "adaptive vs fixed alpha_online, all fine-tuning one pre-training",
+        (
+            Group(
+                "redq_adaptive_bc",
+                ("",) + tuple(f"--no-adaptive-bc --alpha-online {a}" for a in ("0.0", "0.1", "0.2", "0.3")),
+                True,
+            ),
+        ),
+        plot="--methods redq_adaptive_bc --label-by adaptive_bc alpha_online --out plots/fig3",
+    ),
+    4: Figure(
+        "TD3-ft with and without downsampling, fine-tuning one pre-training",
+        (Group("td3_bc", ("--keep-ratio 1.0", "--keep-ratio 0.05"), True),),
+        ("random",),
+        plot="--methods td3_bc --datasets random --label-by keep_ratio --out plots/fig4",
+    ),
+    5: Figure(
+        "uses of the ensemble (hopper); the min over all ten critics (--num-min-critics 10) acts in fine-tuning "
+        "only (the authors' scope)",
+        (Group("redq_adaptive_bc", ("", "--num-min-critics 10", "--num-critics 2 --num-min-critics 2"), True),),
+        envs=("hopper",),
+        plot="--methods redq_adaptive_bc --envs hopper --label-by num_critics num_min_critics --out plots/fig5",
+    ),
 }
 
 
@@ -105,13 +140,29 @@ def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
     def keep(tokens, test):
         """The flags of a flag list (which starts with one), with their values, whose names pass test."""
         starts = [i for i, token in enumerate(tokens) if token.startswith("--")] + [len(tokens)]
-        return [t for i, j in zip(starts, starts[1:]) if test(tokens[i][2:].split("=")[0].removeprefix("no-"))
-                for t in tokens[i:j]]
+        return [
+            t
+            for i, j in zip(starts, starts[1:])
+            if test(tokens[i][2:].split("=")[0].removeprefix("no-"))
+            for t in tokens[i:j]
+        ]
 
     def add(seed, script, env, dataset, tokens, note, after=None):
         i, load = len(runs), [] if after is None else ["--load-offline", f"{runs_dir}/task_{after}"]
-        argv = ["python", script, "--env", env, "--dataset", dataset, "--seed", str(seed), *tokens, "--output-dir",
-                f"{runs_dir}/task_{i}", *load]
+        argv = [
+            "python",
+            script,
+            "--env",
+            env,
+            "--dataset",
+            dataset,
+            "--seed",
+            str(seed),
+            *tokens,
+            "--output-dir",
+            f"{runs_dir}/task_{i}",
+            *load,
+        ]
         label = [Path(script).stem, f"{env}-{dataset} seed {seed}", note, load and f"(fine-tunes task {after})"]
         runs.append(Run(i, argv, " ".join(filter(None, label)), after))
         return i
@@ -126,7 +177,7 @@ def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
                 if not (pretrain_once and group.chain and Path(script).stem != "redq"):  # redq: no offline phase
                     add(seed, script, env, dataset, tokens, variant)
                     continue
-                pre = keep(tokens[len(common):], PRETRAINING.__contains__)
+                pre = keep(tokens[len(common) :], PRETRAINING.__contains__)
                 if (key := (script, env, dataset, *pre)) not in pretrainings:
                     base = keep(common, lambda name: name != "online-steps") + pre + ["--online-steps", "0"]
                     pretrainings[key] = add(seed, script, env, dataset, base, shlex.join(["pre-training", *pre]))
@@ -143,8 +194,11 @@ def plan(argv, root):
     found = [f for f in sorted(task_dir.glob("*__*__*__*")) if (f / "config.json").is_file()]  # name order is age
     argv = [sys.executable, *argv[1:]]
     if found:
-        return (None, f"complete: {found[-1]}") if (found[-1] / "final.pt").exists() else (
-            [*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}")
+        return (
+            (None, f"complete: {found[-1]}")
+            if (found[-1] / "final.pt").exists()
+            else ([*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}")
+        )
     if argv[-2] == "--load-offline":
         done = [f for f in sorted((root / argv[-1]).glob("*__*__*__*")) if (f / "final.pt").exists()]
         if not done:
@@ -156,8 +210,11 @@ def plan(argv, root):
 def child_environ(workers, environ=None, cores=None):
     """OMP_NUM_THREADS = cores // workers unless set: oversubscribed threads made torch ~10x slower (README)."""
     environ = dict(os.environ if environ is None else environ)
-    return {**environ, "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS") or str(max(1, (cores or len(
-        os.sched_getaffinity(0))) // workers))}
+    return {
+        **environ,
+        "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS")
+        or str(max(1, (cores or len(os.sched_getaffinity(0))) // workers)),
+    }
 
 
 def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
@@ -166,10 +223,15 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
     KeyboardInterrupt the runs get SIGTERM (they save latest.pt), SIGKILL a minute later."""
     out, results, running, pending = out or sys.stderr, {}, {}, list(range(len(jobs)))
     start = last = time.monotonic()
-    say = lambda text: print(f"[sweep {seconds(time.monotonic() - start)}] {text}", file=out, flush=True)  # noqa: E731
+
+    def say(text):
+        print(f"[sweep {seconds(time.monotonic() - start)}] {text}", file=out, flush=True)
+
     try:
         while running or pending:
-            for i in [i for i in pending if jobs[i].after is None or jobs[i].after in results][:workers - len(running)]:
+            for i in [i for i in pending if jobs[i].after is None or jobs[i].after in results][
+                : workers - len(running)
+            ]:
                 job, before = jobs[pending.pop(pending.index(i))], results.get(jobs[i].after)
                 try:
                     if before and before.status not in ("ok", "complete"):
@@ -186,23 +248,38 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
                 with open(job.log, "a") as log:
                     log.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(argv)}\n")
                     log.flush()
-                    running[i] = subprocess.Popen(argv, cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL, start_new_session=True), time.monotonic()
+                    running[i] = (
+                        subprocess.Popen(
+                            argv,
+                            cwd=cwd,
+                            env=environ,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                            start_new_session=True,
+                        ),
+                        time.monotonic(),
+                    )
                 say(f"start {job.name}: {job.label}" + (f" ({note})" if note else ""))
-            for i, (proc, started) in [(i, r) for i, r in running.items() if r[0].poll() is not None]:
+            for i, (_, started) in [(i, r) for i, r in running.items() if r[0].poll() is not None]:
                 rc, job = running.pop(i)[0].returncode, jobs[i]
                 results[i] = Result(job, "ok" if rc == 0 else "failed", rc, time.monotonic() - started)
                 lines = Path(job.log).read_text(errors="replace").strip().splitlines() if rc else [""]
-                say(f"done {job.name} ({seconds(results[i].seconds)})" if rc == 0 else
-                    f"FAILED {job.name} (exit {rc}): {lines[-1]}  [log {job.log}]")
+                say(
+                    f"done {job.name} ({seconds(results[i].seconds)})"
+                    if rc == 0
+                    else f"FAILED {job.name} (exit {rc}): {lines[-1]}  [log {job.log}]"
+                )
                 if rc == 2 and pending:
                     say(f"{job.name} rejected its arguments: no more runs are started")
                     results.update({k: Result(jobs[k], "not started") for k in pending})
                     pending = []
             if time.monotonic() - last >= every:
                 last, failed = time.monotonic(), sum(r.status == "failed" for r in results.values())
-                say(f"running {len(running)} | finished {len(results)} | failed {failed} | pending {len(pending)} | "
-                    f"of {len(jobs)}" + (" | now: " + ", ".join(jobs[i].name for i in running) if running else ""))
+                say(
+                    f"running {len(running)} | finished {len(results)} | failed {failed} | pending {len(pending)} | "
+                    f"of {len(jobs)}" + (" | now: " + ", ".join(jobs[i].name for i in running) if running else "")
+                )
             time.sleep(poll if running or pending else 0)
     except KeyboardInterrupt:
         say(f"interrupted: stopping {len(running)} run(s)")
@@ -219,8 +296,17 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
 
 
 def summary_table(results):
-    rows = [("job", "status", "exit", "time", "run", "log")] + [(r.job.name, r.status, "" if r.returncode is None
-            else str(r.returncode), seconds(r.seconds) if r.seconds else "", r.job.label, r.job.log) for r in results]
+    rows = [("job", "status", "exit", "time", "run", "log")] + [
+        (
+            r.job.name,
+            r.status,
+            "" if r.returncode is None else str(r.returncode),
+            seconds(r.seconds) if r.seconds else "",
+            r.job.label,
+            r.job.log,
+        )
+        for r in results
+    ]
     width = [max(len(row[c]) for row in rows) for c in range(5)] + [0]
     tally = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in results).items())
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width)) for row in rows]
@@ -235,7 +321,12 @@ def exit_status(results):
 
 def ranges(indices):
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8', a Slurm --array list."""
-    spans = [list(span) for _, span in groupby(indices, key=lambda i, n=count(): i - next(n))]
+    spans = []
+    for i in indices:
+        if spans and i == spans[-1][-1] + 1:
+            spans[-1].append(i)
+        else:
+            spans.append([i])
     return ",".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in spans)
 
 
@@ -245,14 +336,35 @@ def slurm_files(args, name, sweep, root, runs):
     q, minari, limit = shlex.quote, os.environ.get("MINARI_DATASETS_PATH"), f"%{args.workers}" if args.workers else ""
     finetunes = {after: [r.index for r in runs if r.after == after] for after in dict.fromkeys(r.after for r in runs)}
     firsts, sbatch_file = finetunes.pop(None), q(str(Path(args.slurm).resolve()))
-    options = [f"--job-name={name}", f"--array={ranges(firsts)}{limit}", f"--output={sweep}/logs/slurm-%A_%a.out",
-               "--open-mode=append", "--requeue", "--signal=B:USR1@120", f"--cpus-per-task={args.cpus or 2}"]
-    options += [f"--{key}={value}" for key, value in [("time", args.time), ("partition", args.partition), (
-        "gres", args.gpus and f"gpu:{args.gpus}"), ("mem", args.mem)] if value] + (args.sbatch_option or [])
-    task = (f"{q(str(Path(__file__).resolve()))} --root {q(str(root))} --sweep-dir {q(str(sweep))} --task "
-            '"$SLURM_ARRAY_TASK_ID" ${SWEEP_SLOT:+--slot "$SWEEP_SLOT"}')
-    sbatch = "\n".join(["#!/bin/bash", f"# {name}: written by scripts/sweep.py; submit with its .submit.sh"] +
-                       [f"#SBATCH {option}" for option in options]) + f"""
+    options = [
+        f"--job-name={name}",
+        f"--array={ranges(firsts)}{limit}",
+        f"--output={sweep}/logs/slurm-%A_%a.out",
+        "--open-mode=append",
+        "--requeue",
+        "--signal=B:USR1@120",
+        f"--cpus-per-task={args.cpus or 2}",
+    ]
+    options += [
+        f"--{key}={value}"
+        for key, value in [
+            ("time", args.time),
+            ("partition", args.partition),
+            ("gres", args.gpus and f"gpu:{args.gpus}"),
+            ("mem", args.mem),
+        ]
+        if value
+    ] + (args.sbatch_option or [])
+    task = (
+        f"{q(str(Path(__file__).resolve()))} --root {q(str(root))} --sweep-dir {q(str(sweep))} --task "
+        '"$SLURM_ARRAY_TASK_ID" ${SWEEP_SLOT:+--slot "$SWEEP_SLOT"}'
+    )
+    sbatch = (
+        "\n".join(
+            ["#!/bin/bash", f"# {name}: written by scripts/sweep.py; submit with its .submit.sh"]
+            + [f"#SBATCH {option}" for option in options]
+        )
+        + f"""
 cd {q(str(root))} || exit 2
 {args.setup or "# (no --setup line)"}
 PYTHON=${{PYTHON:-{q(args.python or sys.executable)}}}
@@ -268,12 +380,19 @@ while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done  # a trapped s
 [ "$stop" = USR1 ] && [ $rc -ne 0 ] && echo requeued && scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID"
 exit $rc
 """
-    submit = ["#!/bin/bash", f"# {name}: {len(firsts)} runs, then {len(runs) - len(firsts)} fine-tunes",
-              "set -euo pipefail", f'first=$(sbatch --parsable {sbatch_file}); first=${{first%%;*}}; echo "job $first"']
+    )
+    submit = [
+        "#!/bin/bash",
+        f"# {name}: {len(firsts)} runs, then {len(runs) - len(firsts)} fine-tunes",
+        "set -euo pipefail",
+        f'first=$(sbatch --parsable {sbatch_file}); first=${{first%%;*}}; echo "job $first"',
+    ]
     for k in range(max(map(len, finetunes.values()), default=0)):
-        submit.append(f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name={name}-ft{k} --array="
-                      f"{ranges([j for j, ts in finetunes.items() if len(ts) > k])}{limit} --export=ALL,SWEEP_SLOT={k} "
-                      f"{sbatch_file}")
+        submit.append(
+            f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name={name}-ft{k} --array="
+            f"{ranges([j for j, ts in finetunes.items() if len(ts) > k])}{limit} --export=ALL,SWEEP_SLOT={k} "
+            f"{sbatch_file}"
+        )
     return {args.slurm: sbatch, os.path.splitext(args.slurm)[0] + ".submit.sh": "\n".join(submit) + "\n"}
 
 
@@ -288,16 +407,23 @@ def slurm_task(args):
             raise UsageError(f"task {args.task} has no fine-tune number {args.slot}")
     log = open(sweep / "logs" / f"task_{i}.log", "a")
     os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
-    print(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} task {i} on {os.uname().nodename}, start "
-          f"{int(os.environ.get('SLURM_RESTART_COUNT', 0)) + 1}", flush=True)
+    print(
+        f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} task {i} on {os.uname().nodename}, start "
+        f"{int(os.environ.get('SLURM_RESTART_COUNT', 0)) + 1}",
+        flush=True,
+    )
     argv, note = plan(shlex.split(lines[i]), root)  # FileNotFoundError: exit status 2, as for bad input
     print(f"{note or 'starting'}\n+ {shlex.join(argv or [])}", flush=True)
     return os.execv(argv[0], argv) if argv else 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="scripts/sweep.py", description=__doc__, epilog="figures:\n" + "\n".join(
-        f"  {n}: {f.title}" for n, f in FIGURES.items()), formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/sweep.py",
+        description=__doc__,
+        epilog="figures:\n" + "\n".join(f"  {n}: {f.title}" for n, f in FIGURES.items()),
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.error = lambda message: p.exit(2, f"error: {message} (see python scripts/sweep.py --help)\n")  # one line
     add = p.add_argument
     add("--figure", type=int, choices=FIGURES, metavar="N", help="the recipe for the paper's Figure N (1-5)")
@@ -314,9 +440,15 @@ def parse_args(argv=None):
     add("--status-every", type=float, default=5.0, metavar="SEC", help="seconds between status lines (default: 5)")
     add("--dry-run", action="store_true", help="print the commands; write and run nothing")
     add("--slurm", metavar="FILE", help="write the job array FILE and <stem>.submit.sh instead of running")
-    for flag, kind, text in [("partition", str, ""), ("time", str, "e.g. 12:00:00"), ("cpus", int, "default: 2"),
-                             ("gpus", int, "--gres=gpu:N"), ("mem", str, "e.g. 16G"), ("task", int, None),
-                             ("slot", int, None)]:  # --task, --slot: the Slurm task's call back into this file
+    for flag, kind, text in [
+        ("partition", str, ""),
+        ("time", str, "e.g. 12:00:00"),
+        ("cpus", int, "default: 2"),
+        ("gpus", int, "--gres=gpu:N"),
+        ("mem", str, "e.g. 16G"),
+        ("task", int, None),
+        ("slot", int, None),
+    ]:  # --task, --slot: the Slurm task's call back into this file
         add(f"--{flag}", type=kind, help=argparse.SUPPRESS if text is None else f"per run; {text}".rstrip("; "))
     add("--sbatch-option", action="append", metavar="OPT", help="another #SBATCH line, e.g. --sbatch-option=--qos=x")
     add("--setup", metavar="CMD", help='shell line run first in each task, e.g. "module load cuda"')
@@ -382,12 +514,22 @@ def main(argv=None):
         print(f"error: cannot write: {e}", file=sys.stderr)
         return 2
     if args.slurm:
-        print(f"{head}\nwrote {args.slurm}\nsubmit: bash {os.path.splitext(args.slurm)[0]}.submit.sh\n"
-              f"then plot (from {root}): {plot}")
+        print(
+            f"{head}\nwrote {args.slurm}\nsubmit: bash {os.path.splitext(args.slurm)[0]}.submit.sh\n"
+            f"then plot (from {root}): {plot}"
+        )
         return 0
     environ = child_environ(args.workers or 1)
-    jobs = [Job(f"task {r.index}", lambda r=r: plan(r.argv, root), str(sweep / "logs" / f"task_{r.index}.log"),
-                r.label, r.after) for r in runs]
+    jobs = [
+        Job(
+            f"task {r.index}",
+            lambda r=r: plan(r.argv, root),
+            str(sweep / "logs" / f"task_{r.index}.log"),
+            r.label,
+            r.after,
+        )
+        for r in runs
+    ]
     print(f"{head}; {args.workers or 1} at a time, OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid> stops the sweep as Ctrl-C does
     results = run_local(jobs, args.workers or 1, str(root), environ, args.status_every)

@@ -28,8 +28,9 @@ def make_minari_dataset(dataset_id, episodes, env_id=None, observation_space=Non
     buffers = [EpisodeBuffer(id=i, **{k: np.asarray(v) for k, v in ep.items()}) for i, ep in enumerate(episodes)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, observation_space=observation_space,
-                                                  action_space=action_space, **metadata)
+        return minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env_id, observation_space=observation_space, action_space=action_space, **metadata
+        )
 
 
 def hopper_episodes(num_episodes, length, seed=0, reward=None):
@@ -38,13 +39,15 @@ def hopper_episodes(num_episodes, length, seed=0, reward=None):
     episodes = []
     for i in range(num_episodes):
         rewards = rng.normal(size=length) if reward is None else np.full(length, reward)
-        episodes.append(dict(
-            observations=rng.normal(size=(length + 1, 11)),
-            actions=rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
-            rewards=rewards,
-            terminations=np.arange(length) == length - 1 if i % 2 == 0 else np.zeros(length, bool),
-            truncations=np.arange(length) == length - 1 if i % 2 == 1 else np.zeros(length, bool),
-        ))
+        episodes.append(
+            dict(
+                observations=rng.normal(size=(length + 1, 11)),
+                actions=rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
+                rewards=rewards,
+                terminations=np.arange(length) == length - 1 if i % 2 == 0 else np.zeros(length, bool),
+                truncations=np.arange(length) == length - 1 if i % 2 == 1 else np.zeros(length, bool),
+            )
+        )
     return episodes
 
 
@@ -52,13 +55,39 @@ def run_script(script, *flags, datasets_path, cwd, timeout=300):
     """Run a script as a user would; returns the CompletedProcess (text)."""
     # One torch thread: on a loaded 2-core machine, two OpenMP threads per process can run 10x slower.
     env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, flags)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # Tiny budgets that still exercise every phase: 3 offline and 4 online evaluations.
-TINY = ["--offline-steps", 40, "--online-steps", 60, "--eval-every", 20, "--eval-episodes", 1, "--utd", 2,
-        "--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100, "--random-dataset-steps", 400]
+TINY = [
+    "--offline-steps",
+    40,
+    "--online-steps",
+    60,
+    "--eval-every",
+    20,
+    "--eval-episodes",
+    1,
+    "--utd",
+    2,
+    "--hidden-dim",
+    16,
+    "--num-critics",
+    3,
+    "--batch-size",
+    32,
+    "--keep-min",
+    100,
+    "--random-dataset-steps",
+    400,
+]
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +98,7 @@ def datasets_path(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
         from plumbing.datasets import build_random_dataset
+
         build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
     finally:
         if old is None:
@@ -79,8 +109,10 @@ def datasets_path(tmp_path_factory):
 
 
 def spaces(obs_dim, act_dim):
-    return dict(observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64),
-                action_space=gym.spaces.Box(-1, 1, (act_dim,), np.float32))
+    return dict(
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64),
+        action_space=gym.spaces.Box(-1, 1, (act_dim,), np.float32),
+    )
 
 
 class FixedActor(nn.Module):
@@ -99,8 +131,14 @@ class FixedActor(nn.Module):
 def start_script(script, *flags, datasets_path, cwd):
     """Start a script as a user would, without waiting for it (one torch thread, as in run_script)."""
     env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, flags)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def signal_when(proc, run_parent, phase, min_step, signum=signal.SIGKILL, timeout=120):

@@ -8,19 +8,46 @@ import sys
 
 import pytest
 import torch
-
-from conftest import (assert_same_networks, hopper_episodes, make_minari_dataset, read_csv, ROOT, run_script,
-                      signal_when, start_script)
+from conftest import (
+    ROOT,
+    assert_same_networks,
+    hopper_episodes,
+    make_minari_dataset,
+    read_csv,
+    run_script,
+    signal_when,
+    start_script,
+)
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import awac  # noqa: E402
+
 from plumbing.cli import TrainingDiverged, UsageError, parse_args  # noqa: E402
 
 SCRIPT = "baselines/awac.py"
 # conftest's 400-step dataset: 3 offline and 4 online evaluations, nets of 16 units.
-TINY = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 40, "--online-steps", 60,
-        "--eval-every", 20, "--eval-episodes", 1, "--utd", 2, "--hidden-dim", 16, "--batch-size", 32,
-        "--actor-hidden-layers", 1]
+TINY = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    40,
+    "--online-steps",
+    60,
+    "--eval-every",
+    20,
+    "--eval-episodes",
+    1,
+    "--utd",
+    2,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--actor-hidden-layers",
+    1,
+]
 LN2 = math.log(2)
 
 start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
@@ -51,8 +78,9 @@ def test_advantage_weights_are_exp_a_over_lambda_divided_by_the_batch_mean():
     # the largest weight 3.01 against 2.13, the smallest 0.047 against 0.27, a sharper update.
     assert torch.allclose(awac.advantage_weights(adv, 1.0), torch.tensor([16, 64, 256, 4]) / 85, atol=1e-6)
     # Raw exp(A / lambda) without the normalization (the AWAC paper's equation): (1, 2) at lambda 2.
-    assert torch.allclose(awac.advantage_weights(torch.tensor([0.0, 2 * LN2]), 2.0, normalize=False),
-                          torch.tensor([1.0, 2.0]), atol=1e-6)
+    assert torch.allclose(
+        awac.advantage_weights(torch.tensor([0.0, 2 * LN2]), 2.0, normalize=False), torch.tensor([1.0, 2.0]), atol=1e-6
+    )
 
 
 def test_advantage_weights_clipping():
@@ -94,8 +122,9 @@ class FixedSampler:
 def test_td_target_samples_the_current_policy_and_takes_the_min_of_the_targets():
     # a' = (1, -1, 5): min(a', 2a') = (1, -2, 5); r = 1, gamma 0.9, the third transition terminal:
     # y = (1 + 0.9, 1 - 1.8, 1) = (1.9, -0.8, 1).
-    batch = awac.Batch(torch.zeros(3, 2), torch.zeros(3, 1), torch.ones(3), torch.zeros(3, 2),
-                       torch.tensor([0.0, 0.0, 1.0]))
+    batch = awac.Batch(
+        torch.zeros(3, 2), torch.zeros(3, 1), torch.ones(3), torch.zeros(3, 2), torch.tensor([0.0, 0.0, 1.0])
+    )
     y = awac.td_target(batch, FixedSampler(torch.tensor([[1.0], [-1.0], [5.0]])), two_critics, gamma=0.9)
     assert torch.allclose(y, torch.tensor([1.9, -0.8, 1.0]))
 
@@ -112,8 +141,9 @@ def test_actor_loss_is_the_advantage_weighted_log_likelihood():
     actions = torch.tensor([[0.0], [2 * LN2], [4 * LN2], [-2 * LN2]])
     batch = awac.Batch(torch.zeros(4, 3), actions, torch.zeros(4), torch.zeros(4, 3), torch.zeros(4))
     same_twice = lambda obs, a: torch.stack([a.sum(-1), a.sum(-1)])  # noqa: E731
-    loss, weight_max, std = awac.actor_loss(actor, same_twice, batch, lam=2.0, normalize=True, max_weight=None,
-                                            num_action_samples=1)
+    loss, weight_max, std = awac.actor_loss(
+        actor, same_twice, batch, lam=2.0, normalize=True, max_weight=None, num_action_samples=1
+    )
     sigma = 4 * math.exp(-10)  # the std is scaled to the action range [-4, 4]
     log_prob = torch.distributions.Normal(0.0, sigma).log_prob(actions[:, 0].double())
     expected = -(torch.tensor([8, 16, 32, 4], dtype=torch.float64) / 15 * log_prob).mean()
@@ -143,13 +173,16 @@ def test_buffer_checkpoint_leaves_out_the_dataset_it_can_rebuild(online_steps):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--no-normalize-weights"], "--no-normalize-weights needs --max-weight"),
-    (["--lam", "0"], "--lam must be positive"),
-    (["--max-weight", "-1"], "--max-weight must be positive"),
-    (["--log-std-min", "3"], "--log-std-min must be below --log-std-max"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--no-normalize-weights"], "--no-normalize-weights needs --max-weight"),
+        (["--lam", "0"], "--lam must be positive"),
+        (["--max-weight", "-1"], "--max-weight must be positive"),
+        (["--log-std-min", "3"], "--log-std-min must be below --log-std-max"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    ],
+)
 def test_bad_values(flags, message):
     with pytest.raises(UsageError) as e:
         awac.check_args(parse_args(awac.Args, awac.METHOD, flags))
@@ -188,8 +221,14 @@ def awac_run(datasets_path, tmp_path_factory):
 def test_run_writes_its_folder(awac_run):
     run_dir, proc = awac_run
     assert run_dir.name.startswith("hopper-random-400steps__awac__0__")
-    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "progress.csv", "episodes.csv", "offline.pt",
-                                                   "final.pt", "actor.pt"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json",
+        "progress.csv",
+        "episodes.csv",
+        "offline.pt",
+        "final.pt",
+        "actor.pt",
+    }
     assert not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "awac" and config["lam"] == 2.0
@@ -198,7 +237,14 @@ def test_run_writes_its_folder(awac_run):
         assert f.readline().strip().split(",") == awac.COLUMNS
     rows = read_csv(run_dir / "progress.csv")
     assert [(r["phase"], int(r["step"])) for r in rows] == [
-        ("offline", 0), ("offline", 20), ("offline", 40), ("online", 0), ("online", 20), ("online", 40), ("online", 60)]
+        ("offline", 0),
+        ("offline", 20),
+        ("offline", 40),
+        ("online", 0),
+        ("online", 20),
+        ("online", 40),
+        ("online", 60),
+    ]
     assert all(r["alpha"] == "" for r in rows)  # AWAC has no BC weight
     for r in rows:
         if int(r["step"]) > 0:  # normalized weights lie in (0, B] with B = 32; the policy std is positive
@@ -223,12 +269,17 @@ def test_episodes_log_one_row_per_training_episode(awac_run):
 def test_load_offline_skips_pretraining(awac_run, datasets_path, tmp_path):
     run_dir, _ = awac_run
     flags = [f for f in TINY if f not in ("--dataset", "random")]
-    proc = run_script(SCRIPT, *flags, "--load-offline", run_dir, "--output-dir", tmp_path,
-                      datasets_path=datasets_path, cwd=tmp_path)
+    proc = run_script(
+        SCRIPT, *flags, "--load-offline", run_dir, "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     (new_run,) = tmp_path.iterdir()
     assert [(r["phase"], int(r["step"])) for r in read_csv(new_run / "progress.csv")] == [
-        ("online", 0), ("online", 20), ("online", 40), ("online", 60)]
+        ("online", 0),
+        ("online", 20),
+        ("online", 40),
+        ("online", 60),
+    ]
     assert not (new_run / "offline.pt").exists()
     assert json.loads((new_run / "config.json").read_text())["dataset"] == "random"  # taken from the loaded run
     # The loaded optimizers continue: 40 offline + 2 x 60 online Adam steps.
@@ -240,9 +291,28 @@ def test_load_offline_skips_pretraining(awac_run, datasets_path, tmp_path):
 
 
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
-RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 600, "--online-steps", 300,
-             "--eval-every", 150, "--eval-episodes", 1, "--hidden-dim", 16, "--batch-size", 32,
-             "--actor-hidden-layers", 1, "--checkpoint-every", 100]
+RESUMABLE = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    600,
+    "--online-steps",
+    300,
+    "--eval-every",
+    150,
+    "--eval-episodes",
+    1,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--actor-hidden-layers",
+    1,
+    "--checkpoint-every",
+    100,
+]
 # The loss columns average the steps since the previous row, and a resumed process starts its average at the
 # checkpoint: they are left out. Scores depend on every step before them.
 COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "episode_normalized_return"]

@@ -9,19 +9,49 @@ import sys
 
 import pytest
 import torch
-
-from conftest import (assert_same_networks, FixedActor, hopper_episodes, make_minari_dataset, read_csv, ROOT,
-                      run_script, signal_when, start_script)
+from conftest import (
+    ROOT,
+    FixedActor,
+    assert_same_networks,
+    hopper_episodes,
+    make_minari_dataset,
+    read_csv,
+    run_script,
+    signal_when,
+    start_script,
+)
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import balanced_replay as br  # noqa: E402
+
 from plumbing.cli import TrainingDiverged, UsageError, parse_args  # noqa: E402
 
 SCRIPT = "baselines/balanced_replay.py"
 # conftest's 400-step dataset: 3 offline and 4 online evaluations, nets of 16 units.
-TINY = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 40, "--online-steps", 60,
-        "--eval-every", 20, "--eval-episodes", 1, "--utd", 2, "--hidden-dim", 16, "--batch-size", 32,
-        "--ratio-hidden-dim", 16, "--ratio-batch-size", 32]
+TINY = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    40,
+    "--online-steps",
+    60,
+    "--eval-every",
+    20,
+    "--eval-episodes",
+    1,
+    "--utd",
+    2,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--ratio-hidden-dim",
+    16,
+    "--ratio-batch-size",
+    32,
+]
 
 start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
 
@@ -29,8 +59,9 @@ start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=,
 def optimizer_steps(run_dir, parts=("critic", "actor", "ratio")):
     """Adam steps taken so far by each part, from final.pt's optimizer states."""
     agent = torch.load(run_dir / "final.pt", weights_only=True)["agent"]
-    return tuple(int(agent[f"{part}_optim"]["state"][0]["step"]) if agent[f"{part}_optim"]["state"] else 0
-                 for part in parts)
+    return tuple(
+        int(agent[f"{part}_optim"]["state"][0]["step"]) if agent[f"{part}_optim"]["state"] else 0 for part in parts
+    )
 
 
 def args_with(*flags):
@@ -41,7 +72,14 @@ def args_with(*flags):
 def test_defaults():
     a = args_with()
     assert (a.num_groups, a.group_size, a.ensemble, a.temperature, a.batch_size, a.alpha_online, a.utd) == (
-        2, 5, "group-means", 5.0, 256, 0.0, 1)
+        2,
+        5,
+        "group-means",
+        5.0,
+        256,
+        0.0,
+        1,
+    )
     assert (a.update_schedule, a.block_steps, a.first_block_multiplier) == ("every-step", 1000, 10)
     assert (a.priority_min, a.priority_max, a.init_online_fraction, a.online_fraction_horizon) == (1e-3, 1e3, 0.5, 1000)
 
@@ -84,16 +122,31 @@ TARGET_Q = torch.tensor([0.0, 0, 0, 0, 10, 3, 3, 3, 3, 3])[:, None].expand(10, 2
 
 def test_group_means_target_is_one_y_for_every_critic():
     # Group means 2 and 3 -> Qp' = 2: y = (1 + 0.5 x 2, 1) = (2, 1).
-    y = br.td_target(target_batch(), FixedActor(torch.zeros(2, 1)), lambda obs, a: TARGET_Q, num_groups=2, gamma=0.5,
-                     policy_noise=0.0, noise_clip=0.5)
+    y = br.td_target(
+        target_batch(),
+        FixedActor(torch.zeros(2, 1)),
+        lambda obs, a: TARGET_Q,
+        num_groups=2,
+        gamma=0.5,
+        policy_noise=0.0,
+        noise_clip=0.5,
+    )
     assert torch.equal(y, torch.tensor([2.0, 1.0]))
 
 
 def test_per_pair_targets_are_one_y_per_member():
     # Pairs (0, 3) x 4 and (10, 3): minima (0, 0, 0, 0, 3), so y_i = 1 + 0.5 min_i = (1, 1, 1, 1, 2.5) for the
     # non-terminal sample and 1 for the terminal one; critic i of either group gets y_i (trainer:253-273).
-    y = br.td_target(target_batch(), FixedActor(torch.zeros(2, 1)), lambda obs, a: TARGET_Q, num_groups=2, gamma=0.5,
-                     policy_noise=0.0, noise_clip=0.5, ensemble="per-pair")
+    y = br.td_target(
+        target_batch(),
+        FixedActor(torch.zeros(2, 1)),
+        lambda obs, a: TARGET_Q,
+        num_groups=2,
+        gamma=0.5,
+        policy_noise=0.0,
+        noise_clip=0.5,
+        ensemble="per-pair",
+    )
     member = torch.tensor([[1.0, 1], [1, 1], [1, 1], [1, 1], [2.5, 1]])
     assert torch.equal(y, torch.cat([member, member]))
     # Critics at 0: squared errors summed over critics, averaged over the batch:
@@ -151,8 +204,9 @@ def test_a_transition_with_a_higher_density_ratio_is_drawn_more_often():
     # 0.0035, so the 0.02 tolerances are over 5 sigma.
     buffer = br.PrioritizedReplayBuffer(4, 2, 1, torch.device("cpu"))
     buffer.add(*transitions(4), priority=1.0)  # obs = the slot number
-    buffer.update_priorities(torch.arange(4), br.ratio_priorities(torch.tensor([1.0, 1, 1, 32]), torch.ones(4),
-                                                                  5.0, 1e-3, 1e3))
+    buffer.update_priorities(
+        torch.arange(4), br.ratio_priorities(torch.tensor([1.0, 1, 1, 32]), torch.ones(4), 5.0, 1e-3, 1e3)
+    )
     torch.manual_seed(0)
     draws = []
     for _ in range(20):
@@ -177,7 +231,8 @@ def test_online_transitions_enter_at_the_running_max_priority_and_a_checkpoint_k
     # An update above the running max raises it; the next online transition starts there.
     joint.update_priorities(torch.tensor([3, 405]), torch.tensor([7.0, 0.1]))
     assert (float(joint.priorities[3]), float(joint.priorities[405]), float(joint.max_priority)) == pytest.approx(
-        (7.0, 0.1, 7.0))
+        (7.0, 0.1, 7.0)
+    )
     # latest.pt holds the online transitions and the joint buffer's priorities; the rest is rebuilt.
     state = {"online": online.transitions(), "joint": joint.state_dict()}
     online2, joint2 = br.online_buffers(offline, args, state)
@@ -204,19 +259,26 @@ def test_ratio_loss_is_minimized_by_the_density_ratio():
 def test_buffer_memory_matches_the_hand_count():
     # Hopper: 11-dim observations, 3-dim actions: 4 x (11 + 3 + 1 + 11 + 1) = 108 bytes a transition;
     # 400 offline = 43,200; 60 online = 6,480; joint 460 x (108 + 4 for the priority) = 51,520.
-    assert br.buffer_bytes(400, 60, 11, 3) == {"offline": 43_200, "online": 6_480, "prioritized": 51_520,
-                                               "total": 101_200}
+    assert br.buffer_bytes(400, 60, 11, 3) == {
+        "offline": 43_200,
+        "online": 6_480,
+        "prioritized": 51_520,
+        "total": 101_200,
+    }
     joint = br.PrioritizedReplayBuffer(460, 11, 3, torch.device("cpu"))
     assert sum(f.nbytes for f in joint.data) + joint.priorities.nbytes == 51_520
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--init-online-fraction", "1"], "--init-online-fraction must be in (0, 1)"),
-    (["--priority-min", "10", "--priority-max", "1"], "--priority-min 10.0 must be below --priority-max 1.0"),
-    (["--temperature", "0"], "--temperature must be positive"),
-    (["--group-size", "0"], "--group-size must be positive"),
-    (["--block-steps", "0"], "--block-steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--init-online-fraction", "1"], "--init-online-fraction must be in (0, 1)"),
+        (["--priority-min", "10", "--priority-max", "1"], "--priority-min 10.0 must be below --priority-max 1.0"),
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--group-size", "0"], "--group-size must be positive"),
+        (["--block-steps", "0"], "--block-steps must be positive"),
+    ],
+)
 def test_bad_values(flags, message):
     with pytest.raises(UsageError) as e:
         br.check_args(args_with(*flags))
@@ -227,7 +289,7 @@ def test_too_many_transitions_and_a_diverging_loss(datasets_path, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working folder on NaN actions
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
     with pytest.raises(UsageError, match="more than the 16777216 torch.multinomial can sample from"):
-        br.main(args_with(*TINY, "--online-steps", 2 ** 24, "--output-dir", "runs"))
+        br.main(args_with(*TINY, "--online-steps", 2**24, "--output-dir", "runs"))
     assert not (tmp_path / "runs").exists()  # rejected before any work
     # Finite rewards whose squares overflow float32: the critic loss becomes inf.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
@@ -252,8 +314,14 @@ def br_run(datasets_path, tmp_path_factory):
 def test_run_writes_its_folder(br_run):
     run_dir, proc = br_run
     assert run_dir.name.startswith("hopper-random-400steps__balanced_replay__0__")
-    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "progress.csv", "episodes.csv", "offline.pt",
-                                                   "final.pt", "actor.pt"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json",
+        "progress.csv",
+        "episodes.csv",
+        "offline.pt",
+        "final.pt",
+        "actor.pt",
+    }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["buffer_capacity"] == {"offline": 400, "online": 60, "prioritized": 460}
     assert config["buffer_bytes"] == {"offline": 43_200, "online": 6_480, "prioritized": 51_520, "total": 101_200}
@@ -262,7 +330,14 @@ def test_run_writes_its_folder(br_run):
         assert f.readline().strip().split(",") == br.COLUMNS
     rows = read_csv(run_dir / "progress.csv")
     assert [(r["phase"], int(r["step"])) for r in rows] == [
-        ("offline", 0), ("offline", 20), ("offline", 40), ("online", 0), ("online", 20), ("online", 40), ("online", 60)]
+        ("offline", 0),
+        ("offline", 20),
+        ("offline", 40),
+        ("online", 0),
+        ("online", 20),
+        ("online", 40),
+        ("online", 60),
+    ]
     offline_rows, online_rows = rows[:3], rows[3:]
     assert all(float(r["alpha"]) == 0.4 and int(r["buffer_bytes"]) == 43_200 for r in offline_rows)
     assert all(float(r["alpha"]) == 0.0 and int(r["buffer_bytes"]) == 101_200 for r in online_rows)
@@ -283,14 +358,31 @@ def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
     run_dir, _ = br_run
     flags = [f for f in TINY if f not in ("--dataset", "random")]
     flags[flags.index("--utd") + 1] = 1
-    proc = run_script(SCRIPT, *flags, "--load-offline", run_dir, "--update-schedule", "blocks", "--block-steps", 20,
-                      "--first-block-multiplier", 3, "--output-dir", tmp_path, datasets_path=datasets_path,
-                      cwd=tmp_path)
+    proc = run_script(
+        SCRIPT,
+        *flags,
+        "--load-offline",
+        run_dir,
+        "--update-schedule",
+        "blocks",
+        "--block-steps",
+        20,
+        "--first-block-multiplier",
+        3,
+        "--output-dir",
+        tmp_path,
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (new_run,) = tmp_path.iterdir()
     rows = read_csv(new_run / "progress.csv")
-    assert [(r["phase"], int(r["step"])) for r in rows] == [("online", 0), ("online", 20), ("online", 40),
-                                                           ("online", 60)]
+    assert [(r["phase"], int(r["step"])) for r in rows] == [
+        ("online", 0),
+        ("online", 20),
+        ("online", 40),
+        ("online", 60),
+    ]
     assert not (new_run / "offline.pt").exists()
     assert optimizer_steps(new_run) == (140, 70, 100)
     # The first row after the switch averages the first block's 60 updates, when 20 online transitions exist.
@@ -299,14 +391,47 @@ def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
 
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
 # Lee et al.'s ensemble and schedule here, so that their resume is covered too.
-RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 600, "--online-steps", 300,
-             "--eval-every", 150, "--eval-episodes", 1, "--hidden-dim", 16, "--batch-size", 32,
-             "--ratio-hidden-dim", 16, "--ratio-batch-size", 32, "--checkpoint-every", 100,
-             "--ensemble", "per-pair", "--update-schedule", "blocks", "--block-steps", 50]
+RESUMABLE = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    600,
+    "--online-steps",
+    300,
+    "--eval-every",
+    150,
+    "--eval-episodes",
+    1,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--ratio-hidden-dim",
+    16,
+    "--ratio-batch-size",
+    32,
+    "--checkpoint-every",
+    100,
+    "--ensemble",
+    "per-pair",
+    "--update-schedule",
+    "blocks",
+    "--block-steps",
+    50,
+]
 # The loss columns average the steps since the previous row, and a resumed process starts its average at the
 # checkpoint: they are left out. Scores depend on every step before them.
-COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha",
-            "episode_normalized_return"]
+COMPARED = [
+    "phase",
+    "step",
+    "normalized_score",
+    "normalized_score_std",
+    "return_mean",
+    "alpha",
+    "episode_normalized_return",
+]
 
 
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, tmp_path):

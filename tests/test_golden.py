@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "golden"))
@@ -18,8 +17,7 @@ from commands import COMPARED, GOLDEN_RUNS, build_dataset  # noqa: E402
 @pytest.fixture(scope="module")
 def golden_env(tmp_path_factory):
     path = tmp_path_factory.mktemp("golden")
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(path / "minari"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(path / "minari"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     build_dataset(env)
     return env, path
 
@@ -34,8 +32,14 @@ def test_refactored_script_reproduces_the_recorded_run(name, golden_env):
     env, path = golden_env
     script, flags = GOLDEN_RUNS[name]
     out = path / name
-    proc = subprocess.run([sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)], cwd=path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)],
+        cwd=path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = out.iterdir()
     expected = rows(ROOT / "tests" / "golden" / f"{name}.csv")

@@ -17,8 +17,13 @@ from conftest import ROOT, TINY, run_script
 
 def play(*args, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "play.py"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "play.py"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def parse(stdout):
@@ -31,8 +36,16 @@ def parse(stdout):
 def run_dir(datasets_path, tmp_path_factory):
     """A finished tiny run of the main script (actor.pt, final.pt, config.json, progress.csv)."""
     out = tmp_path_factory.mktemp("play")
-    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, "--output-dir", out / "runs",
-                      datasets_path=datasets_path, cwd=out)
+    proc = run_script(
+        "redq_adaptive_bc.py",
+        "--dataset",
+        "random",
+        *TINY,
+        "--output-dir",
+        out / "runs",
+        datasets_path=datasets_path,
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stderr
     (folder,) = (out / "runs").iterdir()
     return folder
@@ -94,9 +107,11 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
     elif case == "bad_episodes":
         args, expected = [run_dir, "--episodes", 0], "--episodes"
     if case == "no_writer":  # imageio_ffmpeg made unimportable; the check comes before any rollout
-        code = ("import runpy, sys; sys.modules['imageio_ffmpeg'] = None; "
-                f"sys.argv = ['play.py', {str(run_dir)!r}, '--video', {str(tmp_path / 'v.mp4')!r}]; "
-                f"runpy.run_path({str(ROOT / 'scripts' / 'play.py')!r}, run_name='__main__')")
+        code = (
+            "import runpy, sys; sys.modules['imageio_ffmpeg'] = None; "
+            f"sys.argv = ['play.py', {str(run_dir)!r}, '--video', {str(tmp_path / 'v.mp4')!r}]; "
+            f"runpy.run_path({str(ROOT / 'scripts' / 'play.py')!r}, run_name='__main__')"
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         expected = "pip install imageio-ffmpeg"
     else:
@@ -108,8 +123,9 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
 
 
 def test_video(run_dir, played, tmp_path):
-    ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="--video needs imageio-ffmpeg (optional: pip install "
-                                 "imageio-ffmpeg)")
+    ffmpeg = pytest.importorskip(
+        "imageio_ffmpeg", reason="--video needs imageio-ffmpeg (optional: pip install imageio-ffmpeg)"
+    )
     video = tmp_path / "hopper.mp4"
     proc = play(run_dir, "--episodes", 1, "--seed", 5, "--video", video)  # software GL: ~5 frames/s
     if proc.returncode == 2 and "rendering failed" in proc.stderr:

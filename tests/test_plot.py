@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import plot  # noqa: E402
 
-HEADER = ("phase,step,normalized_score,normalized_score_std,return_mean,alpha,critic_loss,"
-          "actor_loss,q_mean,updates_per_s,env_steps_per_s,wall_s")
+HEADER = (
+    "phase,step,normalized_score,normalized_score_std,return_mean,alpha,critic_loss,"
+    "actor_loss,q_mean,updates_per_s,env_steps_per_s,wall_s"
+)
 
 
 def row(phase, step, score, alpha=None, extra=False):
@@ -41,8 +43,19 @@ def row(phase, step, score, alpha=None, extra=False):
     return line + (",0.05" if extra else "")
 
 
-def write_run(root, name, offline=(), online=(), method=None, seed=0, dataset="medium",
-              alpha=False, tail="", config=True, text=None):
+def write_run(
+    root,
+    name,
+    offline=(),
+    online=(),
+    method=None,
+    seed=0,
+    dataset="medium",
+    alpha=False,
+    tail="",
+    config=True,
+    text=None,
+):
     """A run folder like the scripts write. alpha=True logs alpha (0.4 offline, decaying online)
     and an extra method-specific column after the standard ones."""
     folder = root / name
@@ -50,7 +63,8 @@ def write_run(root, name, offline=(), online=(), method=None, seed=0, dataset="m
     if config:
         (folder / "config.json").write_text(
             f'{{"method": "{method}", "env": "hopper", "dataset": "{dataset}", "seed": {seed}, '
-            f'"offline_steps": 1000, "utd": 20}}')
+            f'"offline_steps": 1000, "utd": 20}}'
+        )
     if text is None:
         lines = [HEADER + (",bc_loss" if alpha else "")]
         lines += [row("offline", s, v, 0.4 if alpha else None, alpha) for s, v in offline]
@@ -74,23 +88,65 @@ BROKEN = {  # folder name -> piece of the reason it must be skipped for
 def runs_dir(tmp_path):
     root = tmp_path / "runs"
     a = dict(method="redq_adaptive_bc", alpha=True)
-    write_run(root, "hopper-medium__redq_adaptive_bc__0__1700000000", [(0, 20), (500, 45)],
-              [(0, 50), (100, 30), (200, 60), (300, 70), (1000, 80)], seed=0, **a)
-    write_run(root, "hopper-medium__redq_adaptive_bc__1__1700000001", [(0, 10), (500, 55)],
-              [(0, 55), (150, 25), (200, 45), (400, 65), (800, 75)], seed=1, **a)
-    write_run(root, "hopper-medium__adaptive__2__1700000002", [(500, 50)],
-              [(0, 50), (50, 20), (100, 40), (600, 90)], seed=2, tail="online,700,9", **a)
-    write_run(root, "hopper-medium__td3_bc__0__1700000010", [(1000, 40)],
-              [(0, 40), (250, 50), (500, 60)], method="td3_bc", seed=0)
-    write_run(root, "hopper-medium__td3_bc__1__1700000011", [(1000, 30)],
-              [(0, 30), (250, 20), (500, 40), (750, 50)], config=False)
-    write_run(root, "hopper-random__redq__0__1700000020", [], [(0, 5), (100, 10), (200, 15)],
-              method="redq", dataset="random", seed=0)
-    write_run(root, "hopper-random__redq__1__1700000021", [], [(0, 7), (100, 9)],
-              method="redq", dataset="random", seed=1)
+    write_run(
+        root,
+        "hopper-medium__redq_adaptive_bc__0__1700000000",
+        [(0, 20), (500, 45)],
+        [(0, 50), (100, 30), (200, 60), (300, 70), (1000, 80)],
+        seed=0,
+        **a,
+    )
+    write_run(
+        root,
+        "hopper-medium__redq_adaptive_bc__1__1700000001",
+        [(0, 10), (500, 55)],
+        [(0, 55), (150, 25), (200, 45), (400, 65), (800, 75)],
+        seed=1,
+        **a,
+    )
+    write_run(
+        root,
+        "hopper-medium__adaptive__2__1700000002",
+        [(500, 50)],
+        [(0, 50), (50, 20), (100, 40), (600, 90)],
+        seed=2,
+        tail="online,700,9",
+        **a,
+    )
+    write_run(
+        root,
+        "hopper-medium__td3_bc__0__1700000010",
+        [(1000, 40)],
+        [(0, 40), (250, 50), (500, 60)],
+        method="td3_bc",
+        seed=0,
+    )
+    write_run(
+        root,
+        "hopper-medium__td3_bc__1__1700000011",
+        [(1000, 30)],
+        [(0, 30), (250, 20), (500, 40), (750, 50)],
+        config=False,
+    )
+    write_run(
+        root,
+        "hopper-random__redq__0__1700000020",
+        [],
+        [(0, 5), (100, 10), (200, 15)],
+        method="redq",
+        dataset="random",
+        seed=0,
+    )
+    write_run(
+        root, "hopper-random__redq__1__1700000021", [], [(0, 7), (100, 9)], method="redq", dataset="random", seed=1
+    )
     # broken ones
-    write_run(root, "hopper-medium__td3_bc__7__1700000007", method="td3_bc",
-              text=HEADER + "\n" + row("online", "abc", 10) + "\n")
+    write_run(
+        root,
+        "hopper-medium__td3_bc__7__1700000007",
+        method="td3_bc",
+        text=HEADER + "\n" + row("online", "abc", 10) + "\n",
+    )
     write_run(root, "hopper-medium__td3_bc__8__1700000008", method="td3_bc", text="")
     write_run(root, "hopper-medium__td3_bc__9__1700000009", method="td3_bc", text=HEADER + "\n")
     write_run(root, "hopper-medium__redq_adaptive_bc__5__1700000005", [(0, 10), (500, 20)], [], **a)
@@ -99,8 +155,9 @@ def runs_dir(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "plot.py"), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 # ---------------------------------------------------------------- table numbers
@@ -119,8 +176,7 @@ def test_table_numbers_by_hand(runs_dir, capsys):
     runs = plot.load_runs([runs_dir])
     table = plot.results_table(plot.group_runs(runs))
     lines = table.splitlines()
-    assert lines[0] == ("| env | dataset | method | seeds | pre-trained | final | online mean "
-                        "| dip (first 10%) |")
+    assert lines[0] == ("| env | dataset | method | seeds | pre-trained | final | online mean | dip (first 10%) |")
     # Order: env, then dataset in DATASET_ORDER (random before medium), then method name.
     assert [ln.split("|")[3].strip() for ln in lines[2:5]] == ["redq", "redq_adaptive_bc", "td3_bc"]
     # redq from scratch, seeds 0 and 1:
@@ -136,8 +192,9 @@ def test_table_numbers_by_hand(runs_dir, capsys):
     #   dip: seed 0 steps <= 100 -> min(50, 30) = 30 (step 100 itself counts);
     #        seed 1 steps <= 80 -> 55 (its 25 at step 150 is later than 10%);
     #        seed 2 steps <= 60 -> min(50, 20) = 20 -> mean 35, var (25+400+225)/3 -> std 14.72
-    assert lines[3] == ("| hopper | medium | redq_adaptive_bc | 3 | 50.00 ± 4.08 | 81.67 ± 6.24 "
-                        "| 53.67 ± 3.30 | 35.00 ± 14.72 |")
+    assert lines[3] == (
+        "| hopper | medium | redq_adaptive_bc | 3 | 50.00 ± 4.08 | 81.67 ± 6.24 | 53.67 ± 3.30 | 35.00 ± 14.72 |"
+    )
     # td3_bc, seeds 0 and 1 (seed 1 has no config.json: method from the folder name):
     #   pre-trained 40, 30 -> 35 ± 5;  final 60, 50 -> 55 ± 5
     #   online mean 150/3 = 50, 140/4 = 35 -> 42.5 ± 7.5
@@ -171,12 +228,24 @@ def test_pretrained_blank_when_run_has_neither(tmp_path):
 def test_folder_name_parsing_and_config_precedence(runs_dir):
     # no config.json: everything from the name, dataset split at the first "-"
     assert plot.parse_folder_name("hopper-medium-replay__td3_bc__3__1700000000") == {
-        "env": "hopper", "dataset": "medium-replay", "method": "td3_bc", "seed": 3}
+        "env": "hopper",
+        "dataset": "medium-replay",
+        "method": "td3_bc",
+        "seed": 3,
+    }
     assert plot.read_meta(runs_dir / "hopper-medium__td3_bc__1__1700000011") == {
-        "method": "td3_bc", "env": "hopper", "dataset": "medium", "seed": 1}
+        "method": "td3_bc",
+        "env": "hopper",
+        "dataset": "medium",
+        "seed": 1,
+    }
     # a second run started in the same second gets a -k suffix: still a run folder, same fields
     assert plot.parse_folder_name("hopper-medium__td3_bc__3__1700000000-2") == {
-        "env": "hopper", "dataset": "medium", "method": "td3_bc", "seed": 3}
+        "env": "hopper",
+        "dataset": "medium",
+        "method": "td3_bc",
+        "seed": 3,
+    }
     # config.json says redq_adaptive_bc although the folder name says "adaptive"
     assert plot.read_meta(runs_dir / "hopper-medium__adaptive__2__1700000002")["method"] == "redq_adaptive_bc"
 
@@ -263,15 +332,19 @@ def test_cli_svg_raw_returns_smooth_and_filter(runs_dir):
     assert not (out / "alpha.svg").exists()  # td3_bc logs no alpha
     # table: raw returns (10 x score), unsmoothed: final 600, 500 -> 550 ± 50; only td3_bc rows
     results = (out / "results.md").read_text()
-    assert ("| hopper | medium | td3_bc | 2 | 350.00 ± 50.00 | 550.00 ± 50.00 | 425.00 ± 75.00 "
-            "| 350.00 ± 50.00 |") in results
+    assert (
+        "| hopper | medium | td3_bc | 2 | 350.00 ± 50.00 | 550.00 ± 50.00 | 425.00 ± 75.00 | 350.00 ± 50.00 |"
+    ) in results
     assert "redq" not in results
     # curves smoothed per run before averaging (window 2), on steps 0, 250, 500:
     #   seed 0: 400, 500, 600 -> 400, 450, 550;  seed 1: 300, 200, 400 -> 300, 250, 300
     #   mean 350, 350, 425
     rows = [ln.split(",") for ln in (out / "curves.csv").read_text().splitlines()[1:]]
     assert [(r[0], r[4], float(r[5])) for r in rows] == [
-        ("return", "0", 350), ("return", "250", 350), ("return", "500", 425)]
+        ("return", "0", 350),
+        ("return", "250", 350),
+        ("return", "500", 425),
+    ]
     # the broken redq_adaptive_bc folders are filtered out, so not reported; td3_bc ones are
     skips = [ln for ln in result.stderr.splitlines() if ln.startswith("skipping ")]
     assert len(skips) == 3 and all("td3_bc" in ln for ln in skips)
@@ -290,8 +363,13 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, runs_dir, case):
     result = run_cli(*args)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    expected = {"empty": "no runs", "missing": "no such folder", "filtered": "no runs",
-                "bad_format": "--format", "bad_smooth": "--smooth"}[case]
+    expected = {
+        "empty": "no runs",
+        "missing": "no such folder",
+        "filtered": "no runs",
+        "bad_format": "--format",
+        "bad_smooth": "--smooth",
+    }[case]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("**/plots"))
 
@@ -318,9 +396,16 @@ def test_runs_that_differ_are_never_averaged(tmp_path):
     for seed, alpha, final in [(0, 0.0, 10), (1, 0.0, 20), (0, 0.1, 50), (1, 0.1, 70)]:
         name = f"hopper-medium__td3_bc__{seed}__{int(alpha * 10)}"
         folder = write_run(tmp_path / "runs", name, online=[(0, 5), (100, final)], method="td3_bc", seed=seed)
-        with_config(folder, alpha_online=alpha, output_dir=f"/somewhere/{name}", git_commit=f"abc{seed}{alpha}",
-                    host=f"node{seed}", versions={"torch": f"2.{seed}"}, device=["cpu", "cuda"][seed],
-                    **({"new_flag": 1} if final == 70 else {}))
+        with_config(
+            folder,
+            alpha_online=alpha,
+            output_dir=f"/somewhere/{name}",
+            git_commit=f"abc{seed}{alpha}",
+            host=f"node{seed}",
+            versions={"torch": f"2.{seed}"},
+            device=["cpu", "cuda"][seed],
+            **({"new_flag": 1} if final == 70 else {}),
+        )
     runs = plot.load_runs([str(tmp_path / "runs")])
     groups = plot.group_runs(runs)
     finals = {key[2]: sorted(r.online_values[-1] for r in runs) for key, runs in groups.items()}
@@ -368,15 +453,26 @@ def test_scratch_runs_join_every_dataset_panel_of_their_env(tmp_path):
     write_run(tmp_path, "hopper-random__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc", dataset="random")
     write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc")
     for seed, final in [(0, 9), (1, 11)]:
-        write_run(tmp_path, f"hopper-scratch__redq__{seed}__1", online=[(0, 1), (100, final)], method="redq",
-                  dataset="scratch", seed=seed)
-    folder = write_run(tmp_path, "walker2d-scratch__redq__0__1", online=[(0, 1), (100, 5)], method="redq",
-                       dataset="scratch")
+        write_run(
+            tmp_path,
+            f"hopper-scratch__redq__{seed}__1",
+            online=[(0, 1), (100, final)],
+            method="redq",
+            dataset="scratch",
+            seed=seed,
+        )
+    folder = write_run(
+        tmp_path, "walker2d-scratch__redq__0__1", online=[(0, 1), (100, 5)], method="redq", dataset="scratch"
+    )
     with_config(folder, env="walker2d")
     groups = plot.group_runs(plot.load_runs([tmp_path]))
-    assert list(groups) == [("hopper", "random", "redq (scratch)"), ("hopper", "random", "td3_bc"),
-                            ("hopper", "medium", "redq (scratch)"), ("hopper", "medium", "td3_bc"),
-                            ("walker2d", "scratch", "redq (scratch)")]
+    assert list(groups) == [
+        ("hopper", "random", "redq (scratch)"),
+        ("hopper", "random", "td3_bc"),
+        ("hopper", "medium", "redq (scratch)"),
+        ("hopper", "medium", "td3_bc"),
+        ("walker2d", "scratch", "redq (scratch)"),
+    ]
     assert len(groups[("hopper", "medium", "redq (scratch)")]) == 2
     proc = run_cli(tmp_path, "--datasets", "medium")  # scratch runs pass any --datasets filter
     assert proc.returncode == 0, proc.stderr
@@ -412,12 +508,21 @@ def test_figures_keep_titles_and_legends_on_the_canvas(tmp_path, shape):
     steps = np.array([0.0, 100.0])
     long = [f"redq_adaptive_bc (kp={k}, target_return=1.0, keep_ratio=0.05)" for k in (1, 2, 3)]
     for labels in (["td3_bc"], long):  # short: legend inside each panel; long: one legend below the figure
-        panels = {(e, d): [(label, steps, steps / 10, steps / 100, np.array([3, 3])) for label in labels]
-                  for e in envs for d in datasets}
+        panels = {
+            (e, d): [(label, steps, steps / 10, steps / 100, np.array([3, 3])) for label in labels]
+            for e in envs
+            for d in datasets
+        }
         colors = {label: f"C{i}" for i, label in enumerate(labels)}
-        fig = plot.plot_grid(panels, envs, datasets, colors, "normalized score (x100)",
-                             "Online fine-tuning: normalized score (x100), mean ± 1 std over seeds",
-                             tmp_path / "score.png")
+        fig = plot.plot_grid(
+            panels,
+            envs,
+            datasets,
+            colors,
+            "normalized score (x100)",
+            "Online fine-tuning: normalized score (x100), mean ± 1 std over seeds",
+            tmp_path / "score.png",
+        )
         assert text_on_canvas(fig)
         assert bool(fig.legends) == (labels is long)
 
@@ -429,8 +534,13 @@ def write_episodes(folder, rows, columns="step,length,return,R_current,R_last,p_
 def test_episodes_figure(tmp_path):
     # two runs of the main script log Eq. 2's inputs; a baseline's episodes.csv has no alpha: left out.
     for seed in (0, 1):
-        folder = write_run(tmp_path, f"hopper-medium__redq_adaptive_bc__{seed}__1", online=[(0, 1), (100, 2)],
-                           method="redq_adaptive_bc", seed=seed)
+        folder = write_run(
+            tmp_path,
+            f"hopper-medium__redq_adaptive_bc__{seed}__1",
+            online=[(0, 1), (100, 2)],
+            method="redq_adaptive_bc",
+            seed=seed,
+        )
         write_episodes(folder, [(40, 40, 100, 0.3, 0.2, 1e-5, 0, 0.39), (20, 20, 50, 0.2, 0.1, 1e-5, 0, 0.4)])
     folder = write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc")
     write_episodes(folder, [(20, 20, 50, 0.2)], columns="step,length,return,normalized_return")
@@ -451,8 +561,16 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     (suffix -1, seed 1): one curve of two seeds, and its episodes.csv drawn by --episodes."""
     from conftest import TINY, run_script
 
-    proc = run_script("redq_adaptive_bc.py", "--dataset", "random", *TINY, "--output-dir", tmp_path / "runs",
-                      datasets_path=datasets_path, cwd=tmp_path)
+    proc = run_script(
+        "redq_adaptive_bc.py",
+        "--dataset",
+        "random",
+        *TINY,
+        "--output-dir",
+        tmp_path / "runs",
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (first,) = (tmp_path / "runs").iterdir()
     copy = first.with_name(first.name.replace("__0__", "__1__") + "-1")
@@ -468,10 +586,14 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
 
 def test_pre_training_runs_of_a_sweep_are_left_out_quietly(tmp_path, capsys):
     # A pre-train-once sweep's first stage (--online-steps 0) has offline rows only; its fine-tunes are drawn.
-    pre = with_config(write_run(tmp_path, "hopper-medium__td3_bc__0__1", offline=[(0, 5), (1000, 9)],
-                                method="td3_bc"), online_steps=0)
-    fine = with_config(write_run(tmp_path, "hopper-medium__td3_bc__0__2", online=[(0, 9), (100, 12)], method="td3_bc"),
-                       online_steps=100, load_offline=str(pre))
+    pre = with_config(
+        write_run(tmp_path, "hopper-medium__td3_bc__0__1", offline=[(0, 5), (1000, 9)], method="td3_bc"), online_steps=0
+    )
+    fine = with_config(
+        write_run(tmp_path, "hopper-medium__td3_bc__0__2", online=[(0, 9), (100, 12)], method="td3_bc"),
+        online_steps=100,
+        load_offline=str(pre),
+    )
     runs = plot.load_runs([tmp_path])
     assert [Path(run.folder) for run in runs] == [fine]
     assert "skipping" not in capsys.readouterr().err

@@ -14,17 +14,16 @@ import sys
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, hopper_episodes, make_minari_dataset
+
 from plumbing import cli, datasets, run_folder, tracking
 from plumbing.cli import RunArgs, UsageError
-from plumbing.datasets import (choose_reference_scores, dataset_path, load_dataset, resolve_dataset_id,
-                               staged_dataset)
+from plumbing.datasets import choose_reference_scores, dataset_path, load_dataset, resolve_dataset_id, staged_dataset
 from plumbing.run_folder import CsvLog, RunFolder, RunningMeans, load_torch
 
 
@@ -64,11 +63,23 @@ def test_resolve_dataset_id():
         resolve_dataset_id("hopper", "medium", "local/../../../x/random-300steps-v0", 1_000_000)
 
 
-@pytest.mark.parametrize("dataset_id", [
-    "local/../../../x/random-300steps-v0", "../random-v0", "local/hopper/../../random-v0", "/etc/random-v0",
-    "local/./random-v0", "local//random-v0", "local/hopper/", "local/hopper/random", "local/hop per/random-v0",
-    "local\\..\\..\\random-v0", "~/random-v0", "local/hopper/random-v0\n",
-])
+@pytest.mark.parametrize(
+    "dataset_id",
+    [
+        "local/../../../x/random-300steps-v0",
+        "../random-v0",
+        "local/hopper/../../random-v0",
+        "/etc/random-v0",
+        "local/./random-v0",
+        "local//random-v0",
+        "local/hopper/",
+        "local/hopper/random",
+        "local/hop per/random-v0",
+        "local\\..\\..\\random-v0",
+        "~/random-v0",
+        "local/hopper/random-v0\n",
+    ],
+)
 def test_dataset_path_rejects_ids_that_leave_the_datasets_root(dataset_id, root):
     with pytest.raises(UsageError, match="is not a Minari id") as error:
         dataset_path(dataset_id)
@@ -188,8 +199,11 @@ def test_failed_download_leaves_nothing_behind(root, monkeypatch):
         raise ConnectionError("Max retries exceeded with url: /api/datasets\nsecond line")
 
     monkeypatch.setattr(minari, "download_dataset", partial_download)
-    with pytest.raises(UsageError, match=r"mujoco/hopper/medium-v0 .*could not be downloaded \(Max retries.*"
-                                         r"minari download mujoco/hopper/medium-v0") as error:
+    with pytest.raises(
+        UsageError,
+        match=r"mujoco/hopper/medium-v0 .*could not be downloaded \(Max retries.*"
+        r"minari download mujoco/hopper/medium-v0",
+    ) as error:
         load_dataset("mujoco/hopper/medium-v0")
     assert one_line(error)
     assert list(root.iterdir()) == [] and os.environ["MINARI_DATASETS_PATH"] == str(root)
@@ -217,8 +231,11 @@ def test_unknown_local_dataset_suggests_close_ids(root):
 # Checks of the data and reference scores
 # ---------------------------------------------------------------------------------------
 def transitions(n=4):
-    return {"obs": np.zeros((n, 2), np.float32), "actions": np.zeros((n, 3), np.float32),
-            "rewards": np.ones(n, np.float32)}
+    return {
+        "obs": np.zeros((n, 2), np.float32),
+        "actions": np.zeros((n, 3), np.float32),
+        "rewards": np.ones(n, np.float32),
+    }
 
 
 BOX = types.SimpleNamespace(low=np.full(3, -1.0, np.float32), high=np.full(3, 1.0, np.float32))
@@ -230,13 +247,16 @@ def test_check_transitions_accepts_data_within_bounds():
     datasets.check_transitions(data, "d-v0", BOX)
 
 
-@pytest.mark.parametrize("key, row, value, message", [
-    ("obs", (1, 0), np.nan, "NaN or infinite values in obs"),
-    ("rewards", (2,), np.inf, "NaN or infinite values in rewards"),
-    ("actions", (3, 1), -np.inf, "NaN or infinite values in actions"),
-    ("actions", (0, 2), 1.01, r"actions span \[0, 1.01\], outside the environment's bounds \[-1, 1\]"),
-    ("actions", (1, 0), -100.0, r"actions span \[-100, 0\], outside"),
-])
+@pytest.mark.parametrize(
+    "key, row, value, message",
+    [
+        ("obs", (1, 0), np.nan, "NaN or infinite values in obs"),
+        ("rewards", (2,), np.inf, "NaN or infinite values in rewards"),
+        ("actions", (3, 1), -np.inf, "NaN or infinite values in actions"),
+        ("actions", (0, 2), 1.01, r"actions span \[0, 1.01\], outside the environment's bounds \[-1, 1\]"),
+        ("actions", (1, 0), -100.0, r"actions span \[-100, 0\], outside"),
+    ],
+)
 def test_check_transitions_rejects(key, row, value, message):
     data = transitions()
     data[key][row] = value
@@ -265,13 +285,22 @@ def test_reference_scores_flags_then_metadata_then_d4rl_table():
     # reference_scores reads the dataset's metadata
     dataset = types.SimpleNamespace(storage=types.SimpleNamespace(metadata={"ref_min_score": 2, "ref_max_score": 8}))
     assert datasets.reference_scores(dataset, "hopper", None, None) == (2.0, 8.0, "dataset metadata")
-    assert datasets.reference_scores(dataset, "hopper", None, 10.0) == \
-        (2.0, 10.0, "dataset metadata (min), flags (max)")
+    assert datasets.reference_scores(dataset, "hopper", None, 10.0) == (
+        2.0,
+        10.0,
+        "dataset metadata (min), flags (max)",
+    )
 
 
-@pytest.mark.parametrize("flag_min, flag_max, meta_min, meta_max", [
-    (10.0, 10.0, None, None), (4000.0, None, None, None), (None, -30.0, None, None), (None, None, 5.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "flag_min, flag_max, meta_min, meta_max",
+    [
+        (10.0, 10.0, None, None),
+        (4000.0, None, None, None),
+        (None, -30.0, None, None),
+        (None, None, 5.0, 1.0),
+    ],
+)
 def test_reference_scores_must_satisfy_min_below_max(flag_min, flag_max, meta_min, meta_max):
     with pytest.raises(UsageError, match="min < max") as error:
         choose_reference_scores("hopper", flag_min, flag_max, meta_min, meta_max)
@@ -287,23 +316,29 @@ def test_task_normalizes_like_d4rl():
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
-UNICODE_BOX = ("╭─ Unrecognized options ───────────╮\n│ Unrecognized options: --sed, 3   │\n"
-               "│ ──────────────────────────────── │\n│ Perhaps you meant:               │\n"
-               "│     --seed INT                   │\n│         (default: 0)             │\n"
-               "│ ──────────────────────────────── │\n│ For full helptext, run -c --help │\n"
-               "╰──────────────────────────────────╯\n")
-ASCII_BOX = (" Value error                                                           \n"
-             " --------------------------------------------------------------------- \n"
-             "  Error parsing --seed: invalid literal for int() with base 10: 'abc'  \n"
-             "  ---------------------------------------------------------------------\n"
-             "  Argument helptext:                                                   \n"
-             "      --seed INT                                                       \n"
-             "  ---------------------------------------------------------------------\n"
-             "  For full helptext, see -c --help                                     \n"
-             "                                                                       \n")
-WRAPPED_BOX = ("╭─ Value error ──────────────────────╮\n│ Error parsing --env: invalid       │\n"
-               "│ choice 'pendulum'                  │\n│ ────────────────────────────────── │\n"
-               "│ For full helptext, see -c --help   │\n╰────────────────────────────────────╯\n")
+UNICODE_BOX = (
+    "╭─ Unrecognized options ───────────╮\n│ Unrecognized options: --sed, 3   │\n"
+    "│ ──────────────────────────────── │\n│ Perhaps you meant:               │\n"
+    "│     --seed INT                   │\n│         (default: 0)             │\n"
+    "│ ──────────────────────────────── │\n│ For full helptext, run -c --help │\n"
+    "╰──────────────────────────────────╯\n"
+)
+ASCII_BOX = (
+    " Value error                                                           \n"
+    " --------------------------------------------------------------------- \n"
+    "  Error parsing --seed: invalid literal for int() with base 10: 'abc'  \n"
+    "  ---------------------------------------------------------------------\n"
+    "  Argument helptext:                                                   \n"
+    "      --seed INT                                                       \n"
+    "  ---------------------------------------------------------------------\n"
+    "  For full helptext, see -c --help                                     \n"
+    "                                                                       \n"
+)
+WRAPPED_BOX = (
+    "╭─ Value error ──────────────────────╮\n│ Error parsing --env: invalid       │\n"
+    "│ choice 'pendulum'                  │\n│ ────────────────────────────────── │\n"
+    "│ For full helptext, see -c --help   │\n╰────────────────────────────────────╯\n"
+)
 
 
 def test_tyro_error_line_from_unicode_and_ascii_boxes():
@@ -317,8 +352,8 @@ def test_tyro_error_line_from_unicode_and_ascii_boxes():
 class ToyArgs(RunArgs):
     offline_steps: int = 10
     learning_rate: float = 3e-4
-    utd: Optional[int] = None
-    r_last: Optional[Literal["previous", "moving-average"]] = None
+    utd: int | None = None
+    r_last: Literal["previous", "moving-average"] | None = None
 
 
 def test_parse_args_folds_tyros_box_into_one_line(capsys):
@@ -327,22 +362,41 @@ def test_parse_args_folds_tyros_box_into_one_line(capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: Unrecognized options: --sed, 1\n"
     with pytest.raises(SystemExit):
         cli.parse_args(ToyArgs, "toy", ["--offline-steps", "1.5"])
-    assert capsys.readouterr().err == ("error: Error parsing --offline-steps: invalid literal for int() with "
-                                       "base 10: '1.5'\n")
+    assert capsys.readouterr().err == (
+        "error: Error parsing --offline-steps: invalid literal for int() with base 10: '1.5'\n"
+    )
     args = cli.parse_args(ToyArgs, "toy", ["--utd", "3", "--r-last", "moving-average"])
     assert (args.utd, args.r_last, args.offline_steps) == (3, "moving-average", 10)
 
 
-@pytest.mark.parametrize("value, annotation, fits", [
-    (3, int, True), (3.0, int, False), (True, int, False), ("3", int, False), (None, int, False),
-    (3, float, True), (0.5, float, True), (True, float, False), ("0.5", float, False), (math.nan, float, True),
-    (True, bool, True), (1, bool, False), ("runs", str, True), (None, str, False),
-    (None, Optional[int], True), (2, Optional[int], True), (2.0, Optional[int], False), ("a", Optional[int], False),
-    ("relu", Literal["relu", "tanh"], True), ("elu", Literal["relu", "tanh"], False),
-    (None, Optional[Literal["previous", "moving-average"]], True),
-    ("previous", Optional[Literal["previous", "moving-average"]], True),
-    ("next", Optional[Literal["previous", "moving-average"]], False),
-])
+@pytest.mark.parametrize(
+    "value, annotation, fits",
+    [
+        (3, int, True),
+        (3.0, int, False),
+        (True, int, False),
+        ("3", int, False),
+        (None, int, False),
+        (3, float, True),
+        (0.5, float, True),
+        (True, float, False),
+        ("0.5", float, False),
+        (math.nan, float, True),
+        (True, bool, True),
+        (1, bool, False),
+        ("runs", str, True),
+        (None, str, False),
+        (None, int | None, True),
+        (2, int | None, True),
+        (2.0, int | None, False),
+        ("a", int | None, False),
+        ("relu", Literal["relu", "tanh"], True),
+        ("elu", Literal["relu", "tanh"], False),
+        (None, Literal["previous", "moving-average"] | None, True),
+        ("previous", Literal["previous", "moving-average"] | None, True),
+        ("next", Literal["previous", "moving-average"] | None, False),
+    ],
+)
 def test_fits_type(value, annotation, fits):
     assert cli.fits_type(value, annotation) is fits
 
@@ -356,8 +410,13 @@ def write_run(folder: Path, config: dict, progress="phase,step\noffline,0\n") ->
 
 
 def toy_config(**changes):
-    return {"method": "toy", **asdict(ToyArgs(seed=3, offline_steps=7)), "dataset_id": None, "git_commit": "abc",
-            **changes}
+    return {
+        "method": "toy",
+        **asdict(ToyArgs(seed=3, offline_steps=7)),
+        "dataset_id": None,
+        "git_commit": "abc",
+        **changes,
+    }
 
 
 def test_args_from_run_restores_every_argument(tmp_path):
@@ -367,19 +426,22 @@ def test_args_from_run_restores_every_argument(tmp_path):
     assert cli.parse_args(ToyArgs, "toy", ["--resume", str(run), "--seed", "9"]).seed == 3  # other flags ignored
 
 
-@pytest.mark.parametrize("config, progress, message", [
-    (toy_config(offline_steps="7"), "p\n", r"has offline_steps='7', not a <class 'int'>"),
-    (toy_config(offline_steps=7.0), "p\n", r"has offline_steps=7.0, not a <class 'int'>"),
-    (toy_config(seed=True), "p\n", r"has seed=True"),
-    (toy_config(learning_rate="3e-4"), "p\n", r"has learning_rate='3e-4'"),
-    (toy_config(env="pendulum"), "p\n", r"has env='pendulum', not a typing.Literal\['hopper'"),
-    (toy_config(utd=2.5), "p\n", r"has utd=2.5, not a typing.Optional\[int\]"),
-    ({k: v for k, v in toy_config().items() if k != "method"}, "p\n", "is a run of an unknown method, not toy"),
-    (toy_config(method="td3_bc"), "p\n", "is a run of td3_bc, not toy"),
-    ({k: v for k, v in toy_config().items() if k != "learning_rate"}, "p\n", "lacks the argument 'learning_rate'"),
-    (toy_config(), None, "has no progress.csv; start a new run instead"),
-    (["not", "a", "dict"], "p\n", "is a run of an unknown method"),
-])
+@pytest.mark.parametrize(
+    "config, progress, message",
+    [
+        (toy_config(offline_steps="7"), "p\n", r"has offline_steps='7', not a <class 'int'>"),
+        (toy_config(offline_steps=7.0), "p\n", r"has offline_steps=7.0, not a <class 'int'>"),
+        (toy_config(seed=True), "p\n", r"has seed=True"),
+        (toy_config(learning_rate="3e-4"), "p\n", r"has learning_rate='3e-4'"),
+        (toy_config(env="pendulum"), "p\n", r"has env='pendulum', not a typing.Literal\['hopper'"),
+        (toy_config(utd=2.5), "p\n", r"has utd=2.5, not a typing.Optional\[int\]"),
+        ({k: v for k, v in toy_config().items() if k != "method"}, "p\n", "is a run of an unknown method, not toy"),
+        (toy_config(method="td3_bc"), "p\n", "is a run of td3_bc, not toy"),
+        ({k: v for k, v in toy_config().items() if k != "learning_rate"}, "p\n", "lacks the argument 'learning_rate'"),
+        (toy_config(), None, "has no progress.csv; start a new run instead"),
+        (["not", "a", "dict"], "p\n", "is a run of an unknown method"),
+    ],
+)
 def test_args_from_run_rejects_a_config_that_does_not_fit(tmp_path, config, progress, message):
     run = write_run(tmp_path / "run", config, progress)
     with pytest.raises(UsageError, match=message) as error:
@@ -390,15 +452,19 @@ def test_args_from_run_rejects_a_config_that_does_not_fit(tmp_path, config, prog
 def test_args_from_run_of_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken/config.json").write_text('{"method": "toy", ')
-    for folder, kind in [(tmp_path, "FileNotFoundError"), (tmp_path / "missing", "FileNotFoundError"),
-                         (tmp_path / "broken", "JSONDecodeError")]:
+    for folder, kind in [
+        (tmp_path, "FileNotFoundError"),
+        (tmp_path / "missing", "FileNotFoundError"),
+        (tmp_path / "broken", "JSONDecodeError"),
+    ]:
         with pytest.raises(UsageError, match=f"is not a run folder .no readable config.json: {kind}"):
             cli.args_from_run(ToyArgs, "toy", folder)
 
 
 def test_check_ranges_messages():
-    args = types.SimpleNamespace(batch_size=0, kp=-1e-5, keep_ratio=1.5, tau=1.0, target_return=math.nan,
-                                 lr=math.inf, unset=None, steps=3)
+    args = types.SimpleNamespace(
+        batch_size=0, kp=-1e-5, keep_ratio=1.5, tau=1.0, target_return=math.nan, lr=math.inf, unset=None, steps=3
+    )
     check = cli.check_ranges
     with pytest.raises(UsageError, match=r"^--batch-size must be positive, got 0$"):
         check(args, positive=["steps", "batch_size"])
@@ -413,7 +479,7 @@ def test_check_ranges_messages():
     check(args, positive=["unset", "steps"], non_negative=["unset"], fraction=["unset", "tau"], finite=["unset"])
 
 
-@pytest.mark.parametrize("seed, ok", [(0, True), (2 ** 32 - 1, True), (-1, False), (2 ** 32, False)])
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (-1, False), (2**32, False)])
 def test_check_run_args_seed_range(seed, ok, tmp_path):
     args = ToyArgs(seed=seed, output_dir=str(tmp_path / "runs"))
     if ok:
@@ -423,14 +489,17 @@ def test_check_run_args_seed_range(seed, ok, tmp_path):
             cli.check_run_args(args)
 
 
-@pytest.mark.parametrize("raised, status, stderr", [
-    (UsageError("--x must be positive, got 0"), 2, "error: --x must be positive, got 0\n"),
-    (cli.TrainingDiverged("a loss became non-finite"), 1, "error: a loss became non-finite; stopped."),
-    (cli.Preempted(signal.SIGUSR1), 128 + signal.SIGUSR1, "stopped by SIGUSR1: latest.pt is saved"),
-    (cli.Preempted(signal.SIGTERM), 128 + signal.SIGTERM, "stopped by SIGTERM"),
-    (KeyboardInterrupt(), 130, "interrupted: progress.csv and the checkpoints written so far are kept."),
-    (cli.RunFinished("runs/a"), None, "runs/a has finished already (final.pt): nothing to resume\n"),
-])
+@pytest.mark.parametrize(
+    "raised, status, stderr",
+    [
+        (UsageError("--x must be positive, got 0"), 2, "error: --x must be positive, got 0\n"),
+        (cli.TrainingDiverged("a loss became non-finite"), 1, "error: a loss became non-finite; stopped."),
+        (cli.Preempted(signal.SIGUSR1), 128 + signal.SIGUSR1, "stopped by SIGUSR1: latest.pt is saved"),
+        (cli.Preempted(signal.SIGTERM), 128 + signal.SIGTERM, "stopped by SIGTERM"),
+        (KeyboardInterrupt(), 130, "interrupted: progress.csv and the checkpoints written so far are kept."),
+        (cli.RunFinished("runs/a"), None, "runs/a has finished already (final.pt): nothing to resume\n"),
+    ],
+)
 def test_run_main_exit_statuses(raised, status, stderr, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["toy.py", "--output-dir", str(tmp_path / "runs")])
@@ -505,11 +574,14 @@ def test_csv_log_keep_rows_truncates_after_the_checkpointed_rows(tmp_path):
     assert CsvLog(path, ["phase", "step"], keep_rows=0).rows == 0 and path.read_text() == "phase,step\n"
 
 
-@pytest.mark.parametrize("text, keep_rows", [
-    ("phase,step\noffline,0\n", 2),  # fewer rows than latest.pt counted
-    ("step,phase\noffline,0\noffline,20\n", 1),  # another header
-    (None, 1),  # the file is gone
-])
+@pytest.mark.parametrize(
+    "text, keep_rows",
+    [
+        ("phase,step\noffline,0\n", 2),  # fewer rows than latest.pt counted
+        ("step,phase\noffline,0\noffline,20\n", 1),  # another header
+        (None, 1),  # the file is gone
+    ],
+)
 def test_csv_log_refuses_a_file_that_does_not_match_latest(tmp_path, text, keep_rows):
     path = tmp_path / "p.csv"
     if text is not None:
@@ -521,10 +593,15 @@ def test_csv_log_refuses_a_file_that_does_not_match_latest(tmp_path, text, keep_
 
 def test_run_folders_created_in_the_same_second_get_distinct_names(tmp_path, monkeypatch):
     monkeypatch.setattr(run_folder.time, "time", lambda: 1_700_000_000.7)
-    runs = [RunFolder.create(tmp_path / "runs", "hopper-random__toy__0", {"method": "toy", "kp": kp})
-            for kp in (0.0, 1.0, 2.0)]
-    assert [r.path.name for r in runs] == ["hopper-random__toy__0__1700000000", "hopper-random__toy__0__1700000000-1",
-                                           "hopper-random__toy__0__1700000000-2"]
+    runs = [
+        RunFolder.create(tmp_path / "runs", "hopper-random__toy__0", {"method": "toy", "kp": kp})
+        for kp in (0.0, 1.0, 2.0)
+    ]
+    assert [r.path.name for r in runs] == [
+        "hopper-random__toy__0__1700000000",
+        "hopper-random__toy__0__1700000000-1",
+        "hopper-random__toy__0__1700000000-2",
+    ]
     for run, kp in zip(runs, (0.0, 1.0, 2.0)):
         config = json.loads((run.path / "config.json").read_text())
         assert config["kp"] == kp and config["host"] == socket.gethostname() and "torch" in config["versions"]
@@ -540,9 +617,17 @@ def test_a_second_lock_names_the_holder(tmp_path):
 
 def test_the_lock_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from plumbing.run_folder import lock; "
-                               "lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from plumbing.run_folder import lock; "
+            "lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UsageError, match=f"is in use by pid {holder.pid} on "):
@@ -559,8 +644,9 @@ def test_the_lock_dies_with_its_holder(tmp_path):
 def test_reopen_a_run(tmp_path):
     run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10, "checkpoint_minutes": 30.0})
     run.log("progress", ["phase", "step"]).write({"phase": "offline", "step": 0})
-    run_folder.save_torch(run.path / "latest.pt", {"phase": "offline", "step": 5, "logs": {"progress": 1},
-                                                   "wall_s": 2.0, "rng": {}})
+    run_folder.save_torch(
+        run.path / "latest.pt", {"phase": "offline", "step": 5, "logs": {"progress": 1}, "wall_s": 2.0, "rng": {}}
+    )
     run.close()
     os.close(run_folder.LOCKS.pop())  # unlocked, as if the first process had ended
     again = RunFolder.reopen(run.path)
@@ -652,7 +738,7 @@ def test_check_output_dir(tmp_path):
 def test_check_memory():
     run_folder.check_memory(1000, "the buffer")
     with pytest.raises(UsageError, match=r"^the buffer need about 9313225746.2 GiB, but this machine has"):
-        run_folder.check_memory(10 ** 19, "the buffer")
+        run_folder.check_memory(10**19, "the buffer")
 
 
 # ---------------------------------------------------------------------------------------
@@ -687,8 +773,11 @@ def test_tracker_mirrors_numeric_values_on_one_step_axis(tmp_path, monkeypatch):
     writer = tracker.writer
     assert writer.log_dir == str(tmp_path / "run" / "tensorboard")
     assert writer.texts == [("config", "offline_steps: 100\nseed: 3")]
-    assert writer.scalars == [("progress/normalized_score", 5.0, 20), ("progress/alpha", 0.4, 20),
-                              ("progress/normalized_score", 7.5, 130)]  # online steps follow the 100 offline ones
+    assert writer.scalars == [
+        ("progress/normalized_score", 5.0, 20),
+        ("progress/alpha", 0.4, 20),
+        ("progress/normalized_score", 7.5, 130),
+    ]  # online steps follow the 100 offline ones
     assert writer.closed and tracker.wandb is None
     installed.clear()
     with pytest.raises(UsageError, match="--track needs TensorBoard or wandb"):
@@ -699,7 +788,7 @@ def test_checkpoints_are_due_after_checkpoint_minutes_of_wall_time(tmp_path, mon
     monkeypatch.setattr(run_folder, "stop_requested", [])
     clock = [1000.0]
     monkeypatch.setattr(run_folder.time, "monotonic", lambda: clock[0])
-    run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10 ** 6, "checkpoint_minutes": 2.0})
+    run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10**6, "checkpoint_minutes": 2.0})
     clock[0] += 119.0
     assert not run.checkpoint_due(5)
     clock[0] += 1.0  # 2 minutes since the run started
@@ -715,5 +804,7 @@ def test_config_records_the_git_commit_of_the_code(tmp_path):
     if head.returncode != 0:
         assert recorded is None  # not a git checkout
     else:
-        assert recorded.split("-")[0] == head.stdout.strip() and recorded in (head.stdout.strip(),
-                                                                              head.stdout.strip() + "-dirty")
+        assert recorded.split("-")[0] == head.stdout.strip() and recorded in (
+            head.stdout.strip(),
+            head.stdout.strip() + "-dirty",
+        )

@@ -11,19 +11,40 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-from conftest import assert_same_networks, FixedActor, read_csv, ROOT, run_script, signal_when, start_script
+from conftest import ROOT, FixedActor, assert_same_networks, read_csv, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import redq  # noqa: E402
+
 from plumbing.cli import UsageError, parse_args  # noqa: E402
 from plumbing.recording import EpisodeRecorder  # noqa: E402
 
 # A long warm-up (uniform actions: fast) in which the resume test's kill lands, then 100 steps with updates at
 # G = 3 and REDQ's actor rate. This run is also the uninterrupted run the resume test compares with.
-RUN = ["--online-steps", 900, "--learning-starts", 800, "--eval-every", 300, "--eval-episodes", 1, "--utd", 3,
-       "--actor-update-rate", "per-env-step", "--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32,
-       "--checkpoint-every", 100, "--rollout-steps", 300]
+RUN = [
+    "--online-steps",
+    900,
+    "--learning-starts",
+    800,
+    "--eval-every",
+    300,
+    "--eval-episodes",
+    1,
+    "--utd",
+    3,
+    "--actor-update-rate",
+    "per-env-step",
+    "--num-critics",
+    3,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--checkpoint-every",
+    100,
+    "--rollout-steps",
+    300,
+]
 
 start = functools.partial(start_script, "baselines/redq.py")  # start(*flags, datasets_path=, cwd=)
 
@@ -34,13 +55,16 @@ def optimizer_steps(agent_state):
 
 
 # ---- Mechanisms ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env_steps, utd, policy_freq, rate, expected", [
-    (3, 20, 2, "policy-freq", 30),   # Table 1: every 2nd of 3 x 20 = 60 gradient steps -> 10 per env step
-    (3, 20, 2, "per-env-step", 3),   # REDQ's code: one per env step, on the 20th gradient step
-    (4, 3, 2, "policy-freq", 6),     # the count runs across env steps: updates 2, 4, ..., 12 of 12
-    (4, 3, 2, "per-env-step", 4),
-    (5, 1, 2, "per-env-step", 5),    # G = 1: every gradient step is an env step's last
-])
+@pytest.mark.parametrize(
+    "env_steps, utd, policy_freq, rate, expected",
+    [
+        (3, 20, 2, "policy-freq", 30),  # Table 1: every 2nd of 3 x 20 = 60 gradient steps -> 10 per env step
+        (3, 20, 2, "per-env-step", 3),  # REDQ's code: one per env step, on the 20th gradient step
+        (4, 3, 2, "policy-freq", 6),  # the count runs across env steps: updates 2, 4, ..., 12 of 12
+        (4, 3, 2, "per-env-step", 4),
+        (5, 1, 2, "per-env-step", 5),  # G = 1: every gradient step is an env step's last
+    ],
+)
 def test_actor_updates_in_k_env_steps(env_steps, utd, policy_freq, rate, expected):
     due, n = [], 0
     for _ in range(env_steps):
@@ -56,7 +80,9 @@ def test_actor_updates_in_k_env_steps(env_steps, utd, policy_freq, rate, expecte
 def test_the_agent_updates_its_actor_at_that_rate(rate, actor_steps):
     # 2 env steps at G = 6: 12 critic steps; the actor 12 / 2 = 6 times, or 2 times. With --delay-target-updates
     # the targets move on actor steps only, so they move as often as the actor.
-    args = redq.Args(hidden_dim=8, num_critics=3, utd=6, batch_size=4, actor_update_rate=rate, delay_target_updates=True)
+    args = redq.Args(
+        hidden_dim=8, num_critics=3, utd=6, batch_size=4, actor_update_rate=rate, delay_target_updates=True
+    )
     torch.manual_seed(0)
     agent = redq.Agent(2, 1, np.array([-1.0]), np.array([1.0]), args, torch.device("cpu"))
     batch = redq.Batch(torch.randn(4, 2), torch.rand(4, 1), torch.randn(4), torch.randn(4, 2), torch.zeros(4))
@@ -78,8 +104,9 @@ def test_warm_up_actions_are_uniform_and_ignore_the_policy():
     space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
     space.seed(0)
     rng = np.random.default_rng(0)
-    actions = np.array([redq.explore(NoPolicy(), np.zeros(3), step, 5000, space, 0.1, rng, "cpu")
-                        for step in range(1, 5001)])
+    actions = np.array(
+        [redq.explore(NoPolicy(), np.zeros(3), step, 5000, space, 0.1, rng, "cpu") for step in range(1, 5001)]
+    )
     # Uniform on [-2, 2] x [0, 1]: means 0 and 0.5, stds 4/sqrt(12) = 1.155 and 1/sqrt(12) = 0.289.
     assert np.allclose(actions.mean(0), [0.0, 0.5], atol=0.05)
     assert np.allclose(actions.std(0), [1.155, 0.289], atol=0.02)
@@ -87,8 +114,9 @@ def test_warm_up_actions_are_uniform_and_ignore_the_policy():
     # From step learning_starts + 1 on: pi(s) + noise, clipped to the box.
     pi = FixedActor(torch.tensor([[0.5, 0.9]]))
     assert np.allclose(redq.explore(pi, np.zeros(3), 5001, 5000, space, 0.0, rng, "cpu"), [0.5, 0.9])
-    noisy = np.array([redq.explore(pi, np.zeros(3), 5001, 5000, space, np.array([0.1, 0.1]), rng, "cpu")
-                      for _ in range(2000)])
+    noisy = np.array(
+        [redq.explore(pi, np.zeros(3), 5001, 5000, space, np.array([0.1, 0.1]), rng, "cpu") for _ in range(2000)]
+    )
     assert abs(noisy[:, 0].std() - 0.1) < 0.01 and noisy[:, 1].max() == 1.0  # 0.9 + noise clipped at 1
 
 
@@ -116,14 +144,17 @@ def test_recorded_steps_split_into_episodes_and_the_last_one_is_cut():
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(record.episodes(), again.episodes()) for k in x)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--export-replay", "hopper-medium-replay"], "--export-replay: dataset id 'hopper-medium-replay' is not"),
-    (["--export-replay", "local/x-v0", "--export-rollouts", "local/x-v0"], "--export-replay and --export-rollouts"),
-    (["--learning-starts", "-1"], "--learning-starts must be non-negative"),
-    (["--num-min-critics", "3", "--num-critics", "2"], "--num-min-critics (M=3) must be at most --num-critics"),
-    (["--ref-min-score", "5000"], "reference scores must satisfy min < max"),
-    (["--stop-at-score", "nan"], "--stop-at-score must be finite"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--export-replay", "hopper-medium-replay"], "--export-replay: dataset id 'hopper-medium-replay' is not"),
+        (["--export-replay", "local/x-v0", "--export-rollouts", "local/x-v0"], "--export-replay and --export-rollouts"),
+        (["--learning-starts", "-1"], "--learning-starts must be non-negative"),
+        (["--num-min-critics", "3", "--num-critics", "2"], "--num-min-critics (M=3) must be at most --num-critics"),
+        (["--ref-min-score", "5000"], "reference scores must satisfy min < max"),
+        (["--stop-at-score", "nan"], "--stop-at-score must be finite"),
+    ],
+)
 def test_bad_values(flags, message, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     with pytest.raises(UsageError) as e:
@@ -149,8 +180,18 @@ def test_no_dataset_flags(flag, capsys):
 @pytest.fixture(scope="module")
 def redq_run(tmp_path_factory):
     out, datasets = tmp_path_factory.mktemp("redq_runs"), tmp_path_factory.mktemp("redq_minari")
-    proc = run_script("baselines/redq.py", *RUN, "--export-replay", "local/hopper/medium-replay-v0",
-                      "--export-rollouts", "local/hopper/medium-v0", "--output-dir", out, datasets_path=datasets, cwd=out)
+    proc = run_script(
+        "baselines/redq.py",
+        *RUN,
+        "--export-replay",
+        "local/hopper/medium-replay-v0",
+        "--export-rollouts",
+        "local/hopper/medium-v0",
+        "--output-dir",
+        out,
+        datasets_path=datasets,
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = out.iterdir()
     return run_dir, proc, datasets
@@ -159,12 +200,22 @@ def redq_run(tmp_path_factory):
 def test_run_from_scratch(redq_run):
     run_dir, proc, _ = redq_run
     assert run_dir.name.startswith("hopper-scratch__redq__0__")
-    assert {"config.json", "progress.csv", "episodes.csv", "final.pt", "actor.pt"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "progress.csv", "episodes.csv", "final.pt", "actor.pt"} <= {
+        p.name for p in run_dir.iterdir()
+    }
     assert not (run_dir / "offline.pt").exists() and not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["method"], config["dataset_id"], config["env_id"], config["dataset"]) == (
-        "redq", None, "Hopper-v5", "scratch")
-    assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (-20.272305, 3234.3, "D4RL table")
+        "redq",
+        None,
+        "Hopper-v5",
+        "scratch",
+    )
+    assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (
+        -20.272305,
+        3234.3,
+        "D4RL table",
+    )
     with open(run_dir / "progress.csv") as f:
         assert f.readline().strip().split(",") == redq.COLUMNS
     rows = read_csv(run_dir / "progress.csv")
@@ -199,6 +250,7 @@ def replay_through_env(dataset, seed):
 
 def check_dataset(dataset_id, datasets, num_steps, seed, monkeypatch):
     import minari
+
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets))
     ds = minari.load_dataset(dataset_id)
     assert ds.total_steps == num_steps and ds.spec.env_spec.id == "Hopper-v5"
@@ -220,7 +272,9 @@ def test_exported_replay_is_every_transition_the_agent_saw(redq_run, monkeypatch
     # The warm-up's uniform actions fill [-1, 1]; the untrained tiny policy's stay near its tanh output.
     assert actions[:800].std() > 0.5 and actions[:800].min() < -0.99 and actions[:800].max() > 0.99
     logged = read_csv(redq_run[0] / "episodes.csv")  # episodes.csv has the finished ones, in the same order
-    assert [float(e["return"]) for e in logged] == pytest.approx([float(ep.rewards.sum()) for ep in episodes[:len(logged)]], rel=1e-5)
+    assert [float(e["return"]) for e in logged] == pytest.approx(
+        [float(ep.rewards.sum()) for ep in episodes[: len(logged)]], rel=1e-5
+    )
 
 
 def test_exported_rollouts_follow_the_final_policy(redq_run, monkeypatch):
@@ -230,9 +284,25 @@ def test_exported_rollouts_follow_the_final_policy(redq_run, monkeypatch):
 
 def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
     datasets = tmp_path / "minari"  # does not exist, and must not come to exist
-    proc = run_script("baselines/redq.py", "--online-steps", 300, "--learning-starts", 100, "--eval-every", 50,
-                      "--eval-episodes", 1, "--hidden-dim", 16, "--stop-at-score", -1e9,
-                      "--output-dir", tmp_path / "runs", datasets_path=datasets, cwd=tmp_path)
+    proc = run_script(
+        "baselines/redq.py",
+        "--online-steps",
+        300,
+        "--learning-starts",
+        100,
+        "--eval-every",
+        50,
+        "--eval-episodes",
+        1,
+        "--hidden-dim",
+        16,
+        "--stop-at-score",
+        -1e9,
+        "--output-dir",
+        tmp_path / "runs",
+        datasets_path=datasets,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert not datasets.exists()
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -250,8 +320,16 @@ COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return
 def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_run, tmp_path, monkeypatch):
     run_a, _, datasets = redq_run
     kw = dict(datasets_path=datasets, cwd=tmp_path)
-    killed = start(*RUN, "--export-replay", "local/hopper/b-v0", "--export-rollouts", "local/hopper/b-rollouts-v0",
-                   "--output-dir", tmp_path, **kw)
+    killed = start(
+        *RUN,
+        "--export-replay",
+        "local/hopper/b-v0",
+        "--export-rollouts",
+        "local/hopper/b-rollouts-v0",
+        "--output-dir",
+        tmp_path,
+        **kw,
+    )
     # In the warm-up: the uniform actions come from the action space's RNG, which latest.pt holds too.
     assert signal_when(killed, tmp_path, None, 200)[0] < 800
     (run_b,) = tmp_path.iterdir()

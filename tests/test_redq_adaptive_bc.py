@@ -18,11 +18,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import (
+    TINY,
+    FixedActor,
+    hopper_episodes,
+    make_minari_dataset,
+    read_csv,
+    run_script,
+    signal_when,
+    spaces,
+    start_script,
+)
 from pytest import approx
 
 import redq_adaptive_bc as m
-from conftest import (FixedActor, hopper_episodes, make_minari_dataset, read_csv, run_script, signal_when, spaces,
-                      start_script, TINY)
 from plumbing.cli import STOP_SIGNALS, TrainingDiverged, check_run_args, parse_args, run_main
 from plumbing.compile import compile_step
 from plumbing.run_folder import RunningMeans
@@ -181,12 +190,26 @@ def test_target_takes_min_over_exactly_the_drawn_critics_and_stops_at_terminals(
 
     # Drawn critics {0, 2}: min(5, 2) = 2 and min(1, 6) = 1 (all four would give 1.5 and 0).
     # y1 = 1 + 0.9 x 2 = 2.8; y2 = 0.5 (terminal: no bootstrap; 1.4 if it bootstrapped).
-    y = m.td_target(batch([1.0, 0.5], [0.0, 1.0]), FixedActor(torch.zeros(2, 1)), critic_target,
-                    torch.tensor([0, 2]), gamma=0.9, policy_noise=0.0, noise_clip=0.5)
+    y = m.td_target(
+        batch([1.0, 0.5], [0.0, 1.0]),
+        FixedActor(torch.zeros(2, 1)),
+        critic_target,
+        torch.tensor([0, 2]),
+        gamma=0.9,
+        policy_noise=0.0,
+        noise_clip=0.5,
+    )
     assert torch.allclose(y, torch.tensor([2.8, 0.5]))
     # critic_idx None (M = N): the min over all four, 1.5 -> y1 = 1 + 0.9 x 1.5 = 2.35.
-    y = m.td_target(batch([1.0, 0.5], [0.0, 1.0]), FixedActor(torch.zeros(2, 1)), critic_target,
-                    None, gamma=0.9, policy_noise=0.0, noise_clip=0.5)
+    y = m.td_target(
+        batch([1.0, 0.5], [0.0, 1.0]),
+        FixedActor(torch.zeros(2, 1)),
+        critic_target,
+        None,
+        gamma=0.9,
+        policy_noise=0.0,
+        noise_clip=0.5,
+    )
     assert torch.allclose(y, torch.tensor([2.35, 0.5]))
 
 
@@ -198,8 +221,15 @@ def test_target_action_noise_is_clipped_then_the_action_is_clipped_to_bounds():
         return torch.zeros(1, len(action))
 
     # pi'(s') = 0.9; huge noise clipped to +-0.5 gives 0.4 or 1.4, and 1.4 is clipped to the bound 1.0.
-    m.td_target(batch([0.0] * 1000, [0.0] * 1000), FixedActor(torch.full((1000, 1), 0.9)), critic_target,
-                torch.tensor([0]), gamma=0.99, policy_noise=1e6, noise_clip=0.5)
+    m.td_target(
+        batch([0.0] * 1000, [0.0] * 1000),
+        FixedActor(torch.full((1000, 1), 0.9)),
+        critic_target,
+        torch.tensor([0]),
+        gamma=0.99,
+        policy_noise=1e6,
+        noise_clip=0.5,
+    )
     values = set(np.round(seen["a"].flatten().double().numpy(), 5).tolist())
     assert values == {0.4, 1.0}
 
@@ -318,8 +348,13 @@ def tiny_agent(**overrides):
 
 def random_batch(generator=None):
     g = generator
-    return m.Batch(torch.randn(4, 2, generator=g), torch.rand(4, 1, generator=g) * 2 - 1, torch.randn(4, generator=g),
-                   torch.randn(4, 2, generator=g), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    return m.Batch(
+        torch.randn(4, 2, generator=g),
+        torch.rand(4, 1, generator=g) * 2 - 1,
+        torch.randn(4, generator=g),
+        torch.randn(4, 2, generator=g),
+        torch.tensor([0.0, 0.0, 1.0, 0.0]),
+    )
 
 
 def test_agent_updates_actor_every_policy_freq_steps_and_targets_every_step():
@@ -349,8 +384,11 @@ def test_delayed_target_updates_wait_for_the_actor_step():
 
 def test_critic_step_draws_m_distinct_critics_or_takes_all_when_m_equals_n(monkeypatch):
     drawn, td_target = [], m.td_target
-    monkeypatch.setattr(m, "td_target", lambda b, actor, critic, idx, *rest: drawn.append(idx) or
-                        td_target(b, actor, critic, idx, *rest))
+    monkeypatch.setattr(
+        m,
+        "td_target",
+        lambda b, actor, critic, idx, *rest: drawn.append(idx) or td_target(b, actor, critic, idx, *rest),
+    )
     agent, b = tiny_agent(), random_batch()
     agent.critic_step(b, 3)  # M = N = 3: the min over all critics
     for _ in range(20):
@@ -449,8 +487,13 @@ def test_downsample_keeps_a_uniform_subset_without_duplicates():
 def test_downsample_never_routes_device_tensors_through_numpy():
     # A CUDA buffer's tensors cannot become numpy arrays; the meta device fails the same way on a CPU machine.
     buf = m.ReplayBuffer(100, obs_dim=2, act_dim=1, device=torch.device("meta"))
-    buf.add(torch.zeros(100, 2, device="meta"), torch.zeros(100, 1, device="meta"), torch.zeros(100, device="meta"),
-            torch.zeros(100, 2, device="meta"), torch.zeros(100, device="meta"))
+    buf.add(
+        torch.zeros(100, 2, device="meta"),
+        torch.zeros(100, 1, device="meta"),
+        torch.zeros(100, device="meta"),
+        torch.zeros(100, 2, device="meta"),
+        torch.zeros(100, device="meta"),
+    )
     online = m.downsample(buf, 50, 0.2, 0, False, torch.Generator().manual_seed(0))
     assert online.size == 20 and online.data.obs.device.type == "meta"
 
@@ -460,10 +503,20 @@ def test_flatten_aligns_next_obs_and_keeps_truncations_bootstrapping(tmp_path, m
     obs0 = np.array([[0, 0], [1, 1], [2, 2], [3, 3]], float)  # 3 steps, ends in a termination
     obs1 = np.array([[10, 10], [11, 11], [12, 12]], float)  # 2 steps, cut by a time limit
     episodes = [
-        dict(observations=obs0, actions=np.zeros((3, 1), np.float32), rewards=[1.0, 2.0, 3.0],
-             terminations=[False, False, True], truncations=[False, False, False]),
-        dict(observations=obs1, actions=np.zeros((2, 1), np.float32), rewards=[4.0, 5.0],
-             terminations=[False, False], truncations=[False, True]),
+        dict(
+            observations=obs0,
+            actions=np.zeros((3, 1), np.float32),
+            rewards=[1.0, 2.0, 3.0],
+            terminations=[False, False, True],
+            truncations=[False, False, False],
+        ),
+        dict(
+            observations=obs1,
+            actions=np.zeros((2, 1), np.float32),
+            rewards=[4.0, 5.0],
+            terminations=[False, False],
+            truncations=[False, True],
+        ),
     ]
     ds = make_minari_dataset("test/flat-v0", episodes, **spaces(2, 1))
     data = m.flatten_episodes(ds)
@@ -537,43 +590,62 @@ def test_paper_defaults_and_authors_code_resolution():
     assert values(resolved("--authors-code")) == (10, 1e-4, 1.05, "moving-average", 50_000, True, True)
     # An explicit flag wins over either set of defaults.
     assert values(resolved("--authors-code", "--utd", 20)) == (20, 1e-4, 1.05, "moving-average", 50_000, True, True)
-    assert values(resolved("--authors-code", "--keep-with-replacement", "False", "--delay-target-updates", "False")) \
-        == (10, 1e-4, 1.05, "moving-average", 50_000, False, False)
-    assert values(resolved("--kd", 1e-4, "--r-last", "moving-average")) == \
-        (20, 1e-4, 1.0, "moving-average", 0, False, False)
+    assert values(
+        resolved("--authors-code", "--keep-with-replacement", "False", "--delay-target-updates", "False")
+    ) == (10, 1e-4, 1.05, "moving-average", 50_000, False, False)
+    assert values(resolved("--kd", 1e-4, "--r-last", "moving-average")) == (
+        20,
+        1e-4,
+        1.0,
+        "moving-average",
+        0,
+        False,
+        False,
+    )
     # The remaining knobs keep one default: the authors' code agrees with the paper there.
     for args in (resolved(), resolved("--authors-code")):
-        assert (args.kp, args.alpha_online_max, args.r_last_smoothing, args.r_last_start, args.keep_ratio,
-                args.critic_init, args.num_critics, args.num_min_critics) == \
-            (3e-5, 0.4, 0.05, "one-episode", 0.05, "authors", 10, 2)
+        assert (
+            args.kp,
+            args.alpha_online_max,
+            args.r_last_smoothing,
+            args.r_last_start,
+            args.keep_ratio,
+            args.critic_init,
+            args.num_critics,
+            args.num_min_critics,
+        ) == (3e-5, 0.4, 0.05, "one-episode", 0.05, "authors", 10, 2)
     assert resolved("--target-return", 0).target_return == 0 and resolved("--target-return", 2).target_return == 2
 
 
 GAMMA_AND_TARGET = "--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2]"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--target-return", "nan"], "--target-return must be finite, got nan"),
-    (["--target-return", "inf"], "--target-return must be finite, got inf"),
-    (["--target-return", "-0.5"], f"{GAMMA_AND_TARGET}, got 0.99 and -0.5"),
-    (["--target-return", "3"], f"{GAMMA_AND_TARGET}, got 0.99 and 3.0"),
-    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
-    (["--offline-steps", "-5"], "--offline-steps must be positive, got -5"),
-    (["--online-steps", "-1"], "--online-steps must be non-negative, got -1"),
-    (["--num-min-critics", "11"], "--num-min-critics M=11 exceeds --num-critics N=10"),
-    (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1], got 0.0"),
-    (["--keep-ratio", "1.5"], "--keep-ratio must be in (0, 1], got 1.5"),
-    (["--r-last-smoothing", "0"], "--r-last-smoothing must be in (0, 1], got 0.0"),
-    (["--kd", "-1e-4"], "--kd must be non-negative, got -0.0001"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--target-return", "nan"], "--target-return must be finite, got nan"),
+        (["--target-return", "inf"], "--target-return must be finite, got inf"),
+        (["--target-return", "-0.5"], f"{GAMMA_AND_TARGET}, got 0.99 and -0.5"),
+        (["--target-return", "3"], f"{GAMMA_AND_TARGET}, got 0.99 and 3.0"),
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--offline-steps", "-5"], "--offline-steps must be positive, got -5"),
+        (["--online-steps", "-1"], "--online-steps must be non-negative, got -1"),
+        (["--num-min-critics", "11"], "--num-min-critics M=11 exceeds --num-critics N=10"),
+        (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1], got 0.0"),
+        (["--keep-ratio", "1.5"], "--keep-ratio must be in (0, 1], got 1.5"),
+        (["--r-last-smoothing", "0"], "--r-last-smoothing must be in (0, 1], got 0.0"),
+        (["--kd", "-1e-4"], "--kd must be non-negative, got -0.0001"),
+    ],
+)
 def test_bad_values_give_one_line_and_exit_2_before_any_work(flags, message, monkeypatch, capsys, tmp_path):
     status, lines = cli(monkeypatch, capsys, *flags, "--output-dir", tmp_path / "runs")
     assert status == 2 and lines == [f"error: {message}"]
     assert list(tmp_path.glob("runs/*")) == []  # no run folder
 
 
-def test_a_buffer_too_small_for_the_kept_data_is_refused_before_the_run_starts(datasets_path, monkeypatch, capsys,
-                                                                                tmp_path):
+def test_a_buffer_too_small_for_the_kept_data_is_refused_before_the_run_starts(
+    datasets_path, monkeypatch, capsys, tmp_path
+):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
     status, lines = cli(monkeypatch, capsys, *tiny("--buffer-size", 50, "--output-dir", tmp_path / "runs"))
     # keep-min 100 of 400 transitions survive the switch: a 50-slot buffer cannot hold them.
@@ -596,8 +668,14 @@ def finished_run(datasets_path, tmp_path_factory):
 def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
     run_dir, proc = finished_run
     assert run_dir.name.startswith("hopper-random-400steps__redq_adaptive_bc__0__")
-    assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == \
-        {"config.json", "progress.csv", "episodes.csv", "offline.pt", "final.pt", "actor.pt"}
+    assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == {
+        "config.json",
+        "progress.csv",
+        "episodes.csv",
+        "offline.pt",
+        "final.pt",
+        "actor.pt",
+    }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset_id"] == "local/hopper/random-400steps-v0" and config["method"] == "redq_adaptive_bc"
     assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (*HOPPER_REF, "D4RL table")
@@ -610,7 +688,14 @@ def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
         assert f.readline().strip().split(",") == m.COLUMNS
     rows = read_csv(run_dir / "progress.csv")
     assert [(r["phase"], int(r["step"])) for r in rows] == [
-        ("offline", 0), ("offline", 20), ("offline", 40), ("online", 0), ("online", 20), ("online", 40), ("online", 60)]
+        ("offline", 0),
+        ("offline", 20),
+        ("offline", 40),
+        ("online", 0),
+        ("online", 20),
+        ("online", 40),
+        ("online", 60),
+    ]
     assert all(float(r["critic_loss"]) > 0 for r in rows if int(r["step"]) > 0)
     assert all(r["critic_loss"] == r["actor_loss"] == r["q_mean"] == "" for r in rows if int(r["step"]) == 0)
     assert proc.stdout.strip().splitlines()[-1].startswith("final normalized score")
@@ -645,7 +730,7 @@ def test_every_episode_row_satisfies_eq2(finished_run):
             assert episodes[k + 1]["R_last"] == row["R_current"]  # R_last <- R_current
         alpha, step = float(row["alpha"]), int(row["step"])
     # A progress row shows the alpha and the return of the last episode that ended by its step.
-    for r in progress[progress.index(switch) + 1:]:
+    for r in progress[progress.index(switch) + 1 :]:
         ended = [e for e in episodes if int(e["step"]) <= int(r["step"])]
         if not ended:  # no episode has ended yet: alpha_online is still its start value
             assert (r["alpha"], r["episode_normalized_return"]) == ("0.4", "")
@@ -670,8 +755,22 @@ def recording_updates(monkeypatch, calls):
 
 
 FIXED_ALPHA = ["--no-adaptive-bc", "--alpha-online", 0.1]
-ONLINE = ["--online-steps", 60, "--eval-every", 20, "--eval-episodes", 1, "--utd", 2, "--batch-size", 32,
-          "--keep-min", 100, "--num-min-critics", 3]
+ONLINE = [
+    "--online-steps",
+    60,
+    "--eval-every",
+    20,
+    "--eval-episodes",
+    1,
+    "--utd",
+    2,
+    "--batch-size",
+    32,
+    "--keep-min",
+    100,
+    "--num-min-critics",
+    3,
+]
 
 
 @pytest.fixture(scope="module")
@@ -697,16 +796,22 @@ def test_with_m_equal_n_pretraining_draws_a_random_pair_and_fine_tuning_takes_al
     assert [c["alpha"] for c in calls] == approx([0.4] * 40 + [0.1] * 120)  # alpha_offline, then alpha_online
 
 
-@pytest.mark.parametrize("flags, offline_M, online_M", [
-    (["--num-min-critics", 3, "--min-over-all-offline"], 3, 3),  # the Fig. 5 ablation in both phases
-    (["--num-min-critics", 2], 2, 2),  # REDQ's random pair throughout
-])
+@pytest.mark.parametrize(
+    "flags, offline_M, online_M",
+    [
+        (["--num-min-critics", 3, "--min-over-all-offline"], 3, 3),  # the Fig. 5 ablation in both phases
+        (["--num-min-critics", 2], 2, 2),  # REDQ's random pair throughout
+    ],
+)
 def test_min_over_all_offline_and_the_plain_pair(flags, offline_M, online_M, datasets_path, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
     recording_updates(monkeypatch, calls)
-    in_process(*tiny("--offline-steps", 4, "--online-steps", 4, "--eval-every", 4, "--utd", 1, *flags,
-                     "--output-dir", tmp_path))
+    in_process(
+        *tiny(
+            "--offline-steps", 4, "--online-steps", 4, "--eval-every", 4, "--utd", 1, *flags, "--output-dir", tmp_path
+        )
+    )
     assert [c["M"] for c in calls] == [offline_M] * 4 + [online_M] * 4
 
 
@@ -718,8 +823,13 @@ def test_update_returns_actor_loss_only_on_actor_steps(paired):
 def test_loss_columns_are_means_over_the_interval_since_the_previous_row(paired):
     rows, calls = read_csv(paired.full / "progress.csv"), paired.calls
     # (phase, step) -> the updates since the previous row: 20 offline steps, or 20 env steps x utd 2.
-    intervals = {("offline", 20): calls[0:20], ("offline", 40): calls[20:40], ("online", 20): calls[40:80],
-                 ("online", 40): calls[80:120], ("online", 60): calls[120:160]}
+    intervals = {
+        ("offline", 20): calls[0:20],
+        ("offline", 40): calls[20:40],
+        ("online", 20): calls[40:80],
+        ("online", 40): calls[80:120],
+        ("online", 60): calls[120:160],
+    }
     for r in rows:
         interval = intervals.get((r["phase"], int(r["step"])))
         if interval is None:  # the step-0 rows: no updates since the previous row
@@ -752,18 +862,31 @@ def test_load_offline_fine_tunes_exactly_as_the_pretraining_process_would(paired
     # Dataset and networks came from the pre-training run, without their flags (and no other dataset was built).
     config = json.loads((paired.loaded / "config.json").read_text())
     assert config["pretrained_from"] == str(paired.pre / "offline.pt") and config["offline_steps"] == 40
-    assert (config["dataset_id"], config["random_dataset_steps"], config["hidden_dim"], config["num_critics"]) == \
-        ("local/hopper/random-400steps-v0", 400, 16, 3)
+    assert (config["dataset_id"], config["random_dataset_steps"], config["hidden_dim"], config["num_critics"]) == (
+        "local/hopper/random-400steps-v0",
+        400,
+        16,
+        3,
+    )
     assert [p.name for p in (Path(datasets_path) / "local" / "hopper").iterdir()] == ["random-400steps-v0"]
     assert not (paired.loaded / "offline.pt").exists()
 
 
 def test_pre_training_only_writes_offline_final_and_actor(paired):
     run_dir = paired.pre
-    assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == \
-        {"config.json", "progress.csv", "episodes.csv", "offline.pt", "final.pt", "actor.pt"}
-    assert [(r["phase"], r["step"]) for r in read_csv(run_dir / "progress.csv")] == \
-        [("offline", "0"), ("offline", "20"), ("offline", "40")]
+    assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == {
+        "config.json",
+        "progress.csv",
+        "episodes.csv",
+        "offline.pt",
+        "final.pt",
+        "actor.pt",
+    }
+    assert [(r["phase"], r["step"]) for r in read_csv(run_dir / "progress.csv")] == [
+        ("offline", "0"),
+        ("offline", "20"),
+        ("offline", "40"),
+    ]
     assert read_csv(run_dir / "episodes.csv") == []
     offline = torch.load(run_dir / "offline.pt", weights_only=True)
     final = torch.load(run_dir / "final.pt", weights_only=True)
@@ -784,15 +907,30 @@ def test_load_offline_refuses_a_conflicting_network_flag(paired, datasets_path, 
     status, lines = cli(monkeypatch, capsys, "--load-offline", paired.pre, "--hidden-dim", 32, "--output-dir", tmp_path)
     assert status == 2 and lines == [
         f"error: --load-offline: {paired.pre / 'offline.pt'} was pre-trained with --hidden-dim 16, this run asks for "
-        f"32; leave the flag out to use the pre-training value"]
+        f"32; leave the flag out to use the pre-training value"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_offline_checks_m_against_the_pre_trained_n(paired, datasets_path, monkeypatch, capsys, tmp_path):
     # pre has N = 3 critics (taken over by --load-offline); M = 5 fits the default N = 10 but not the agent's 3.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
-    status, lines = cli(monkeypatch, capsys, "--load-offline", paired.pre, "--num-min-critics", 5, "--online-steps", 5,
-                        "--eval-episodes", 1, "--keep-min", 100, "--output-dir", tmp_path)
+    status, lines = cli(
+        monkeypatch,
+        capsys,
+        "--load-offline",
+        paired.pre,
+        "--num-min-critics",
+        5,
+        "--online-steps",
+        5,
+        "--eval-episodes",
+        1,
+        "--keep-min",
+        100,
+        "--output-dir",
+        tmp_path,
+    )
     assert status == 2 and lines == ["error: --num-min-critics M=5 exceeds --num-critics N=3"]
     assert list(tmp_path.iterdir()) == []
 
@@ -804,10 +942,37 @@ def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(t
     # main.py:55-57: `if args.env == "walker2d-random-v0": args.alpha = 100; args.alpha_finetune = 0.4`.
     # --kp 1 --target-return 0 make every episode's P term push alpha far above 0.4, so the cap shows.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    run_dir = in_process("--env", "walker2d", "--dataset", "random", "--random-dataset-steps", 300, "--authors-code",
-                         "--kp", 1, "--target-return", 0, "--offline-steps", 20, "--online-steps", 400,
-                         "--eval-every", 100, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16,
-                         "--num-critics", 3, "--batch-size", 32, "--output-dir", tmp_path / "runs")
+    run_dir = in_process(
+        "--env",
+        "walker2d",
+        "--dataset",
+        "random",
+        "--random-dataset-steps",
+        300,
+        "--authors-code",
+        "--kp",
+        1,
+        "--target-return",
+        0,
+        "--offline-steps",
+        20,
+        "--online-steps",
+        400,
+        "--eval-every",
+        100,
+        "--eval-episodes",
+        1,
+        "--utd",
+        1,
+        "--hidden-dim",
+        16,
+        "--num-critics",
+        3,
+        "--batch-size",
+        32,
+        "--output-dir",
+        tmp_path / "runs",
+    )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset_id"] == "local/walker2d/random-300steps-v0" and config["env_name"] == "walker2d"
     assert (config["alpha_offline"], config["alpha_online"], config["alpha_online_max"]) == (100.0, 0.4, 0.4)
@@ -840,12 +1005,27 @@ def test_r_last_starts_from_the_first_evaluation_episode_or_the_mean(datasets_pa
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets_path))
     runs = {}
     for start in ("one-episode", "mean"):
-        runs[start] = in_process(*tiny("--offline-steps", 4, "--online-steps", 40, "--eval-every", 40,
-                                       "--eval-episodes", 2, "--r-last-start", start, "--output-dir", tmp_path / start))
+        runs[start] = in_process(
+            *tiny(
+                "--offline-steps",
+                4,
+                "--online-steps",
+                40,
+                "--eval-every",
+                40,
+                "--eval-episodes",
+                2,
+                "--r-last-start",
+                start,
+                "--output-dir",
+                tmp_path / start,
+            )
+        )
     first, mean = (float(read_csv(runs[s] / "episodes.csv")[0]["R_last"]) for s in ("one-episode", "mean"))
     switch = [r for r in read_csv(runs["mean"] / "progress.csv") if r["phase"] == "online"][0]
-    assert switch == [r for r in read_csv(runs["one-episode"] / "progress.csv") if r["phase"] == "online"][0] | \
-        {k: switch[k] for k in TIMINGS}  # the same agent up to the switch
+    assert switch == [r for r in read_csv(runs["one-episode"] / "progress.csv") if r["phase"] == "online"][0] | {
+        k: switch[k] for k in TIMINGS
+    }  # the same agent up to the switch
     score, std = float(switch["normalized_score"]), float(switch["normalized_score_std"])
     assert std > 0 and mean == approx(score / 100, rel=1e-5)
     # The first of the two episodes: the pre-trained actor from the evaluation seed, seed + 100.
@@ -870,9 +1050,32 @@ def test_a_diverging_loss_stops_the_run_and_keeps_its_rows(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------
 # Killed, preempted and resumed (subprocesses)
 # ---------------------------------------------------------------------------------------
-RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 800, "--online-steps", 400,
-             "--eval-every", 200, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16, "--num-critics", 3,
-             "--batch-size", 32, "--keep-min", 100, "--checkpoint-every", 25]
+RESUMABLE = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    800,
+    "--online-steps",
+    400,
+    "--eval-every",
+    200,
+    "--eval-episodes",
+    1,
+    "--utd",
+    1,
+    "--hidden-dim",
+    16,
+    "--num-critics",
+    3,
+    "--batch-size",
+    32,
+    "--keep-min",
+    100,
+    "--checkpoint-every",
+    25,
+]
 
 
 def start(datasets_path, cwd, *flags):
@@ -887,7 +1090,7 @@ def latest_state(run_dir):
 
 
 def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(datasets_path, tmp_path):
-    seed = random.randrange(10 ** 6)
+    seed = random.randrange(10**6)
     draw = random.Random(seed)  # the moments differ from run to run; a failure names the seed of its thresholds
     killed = start(datasets_path, tmp_path, *RESUMABLE, "--output-dir", tmp_path / "b")
     reference = start(datasets_path, tmp_path, *RESUMABLE, "--output-dir", tmp_path / "a")

@@ -21,7 +21,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, hopper_episodes, make_minari_dataset, spaces
 
 MAIN = "redq_adaptive_bc.py"
@@ -29,14 +28,58 @@ BASELINES = ["baselines/td3_bc.py", "baselines/redq.py", "baselines/awac.py", "b
 HOST = socket.gethostname()
 DATASET = "local/hopper/random-400steps-v0"  # conftest's datasets_path holds it
 # A run that lives long enough to be killed, resumed and locked: 3 offline and 7 online evaluations.
-RESUMABLE = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 200, "--online-steps", 600,
-             "--eval-every", 100, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16, "--num-critics", 3,
-             "--batch-size", 32, "--keep-min", 100, "--checkpoint-every", 50]
+RESUMABLE = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    200,
+    "--online-steps",
+    600,
+    "--eval-every",
+    100,
+    "--eval-episodes",
+    1,
+    "--utd",
+    1,
+    "--hidden-dim",
+    16,
+    "--num-critics",
+    3,
+    "--batch-size",
+    32,
+    "--keep-min",
+    100,
+    "--checkpoint-every",
+    50,
+]
 RESUMABLE_ROWS = [("offline", s) for s in (0, 100, 200)] + [("online", s) for s in range(0, 601, 100)]
 # Fast runs on a 300-step dataset: 2 offline and 2 online evaluations.
-QUICK = ["--dataset", "random", "--random-dataset-steps", 300, "--offline-steps", 20, "--online-steps", 20,
-         "--eval-every", 20, "--eval-episodes", 1, "--utd", 1, "--hidden-dim", 16, "--num-critics", 3,
-         "--batch-size", 32, "--keep-min", 100]
+QUICK = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    300,
+    "--offline-steps",
+    20,
+    "--online-steps",
+    20,
+    "--eval-every",
+    20,
+    "--eval-episodes",
+    1,
+    "--utd",
+    1,
+    "--hidden-dim",
+    16,
+    "--num-critics",
+    3,
+    "--batch-size",
+    32,
+    "--keep-min",
+    100,
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,8 +87,14 @@ QUICK = ["--dataset", "random", "--random-dataset-steps", 300, "--offline-steps"
 # ---------------------------------------------------------------------------------------
 def start(script, *flags, datasets_path, cwd):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, flags)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, timeout=300):
@@ -79,9 +128,11 @@ def snapshot(folder: Path) -> dict:
     """Every file under folder and a hash of its bytes (.lock aside: taking a lock writes the taker's pid)."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"} | \
-           {str(p.relative_to(folder)) + "/": "" for p in folder.rglob("*") if p.is_dir()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    } | {str(p.relative_to(folder)) + "/": "" for p in folder.rglob("*") if p.is_dir()}
 
 
 def read_progress(run_dir):
@@ -136,8 +187,9 @@ def resumable_copy(killed_run, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------
 # 1. Two --resume of one run folder at once; a stale lock
 # ---------------------------------------------------------------------------------------
-def test_second_resume_is_refused_while_the_first_finishes_and_a_dead_holders_lock_is_free(killed_run,
-                                                                                          datasets_path, tmp_path):
+def test_second_resume_is_refused_while_the_first_finishes_and_a_dead_holders_lock_is_free(
+    killed_run, datasets_path, tmp_path
+):
     run_dir = killed_run[0]  # locked by a process that SIGKILL ended: the lock must not block --resume
     datasets_before = snapshot(datasets_path)
     first = start(MAIN, "--resume", run_dir, datasets_path=datasets_path, cwd=tmp_path)
@@ -168,19 +220,27 @@ def test_second_resume_is_refused_while_the_first_finishes_and_a_dead_holders_lo
 def test_parallel_variants_started_together_all_succeed_in_their_own_folders(tmp_path):
     root = tmp_path / "datasets"  # empty: all three build local/hopper/random-300steps-v0 at once
     variants = {"kp0": ["--kp", 0], "kp1e-4": ["--kp", 1e-4], "fixed": ["--no-adaptive-bc"]}
-    results = run_together({name: (MAIN, *QUICK, *flags, "--output-dir", tmp_path / "runs")
-                            for name, flags in variants.items()}, root, tmp_path)
+    results = run_together(
+        {name: (MAIN, *QUICK, *flags, "--output-dir", tmp_path / "runs") for name, flags in variants.items()},
+        root,
+        tmp_path,
+    )
     for name, proc in results.items():
         assert proc.returncode == 0, (name, proc.stderr)
     folders = sorted((tmp_path / "runs").iterdir())
-    assert len(folders) == 3 and all(f.name.startswith("hopper-random-300steps__redq_adaptive_bc__0__")
-                                     for f in folders)
+    assert len(folders) == 3 and all(
+        f.name.startswith("hopper-random-300steps__redq_adaptive_bc__0__") for f in folders
+    )
     configs = [json.loads((f / "config.json").read_text()) for f in folders]
     assert sorted((c["kp"], c["adaptive_bc"]) for c in configs) == [(0.0, True), (3e-5, False), (1e-4, True)]
     for folder in folders:
         assert (folder / "final.pt").is_file()
-        assert [(r["phase"], int(r["step"])) for r in read_progress(folder)] == \
-            [("offline", 0), ("offline", 20), ("online", 0), ("online", 20)]
+        assert [(r["phase"], int(r["step"])) for r in read_progress(folder)] == [
+            ("offline", 0),
+            ("offline", 20),
+            ("online", 0),
+            ("online", 20),
+        ]
     assert sorted(p.name for p in root.iterdir()) == ["local"]  # no staging folder left behind
     metadata = json.loads((root / "local/hopper/random-300steps-v0/data/metadata.json").read_text())
     assert metadata["total_steps"] == 300
@@ -213,10 +273,20 @@ def test_dataset_with_actions_outside_the_envs_bounds(tmp_path, monkeypatch):
         ep["actions"] = np.where(ep["actions"] > 0, 100.0, -100.0).astype(np.float32)  # the right shape, x100
     make_minari_dataset("local/hopper/loud-v0", episodes, env_id="Hopper-v5", **spaces(11, 3))
     before = snapshot(root)
-    proc = finish(start(MAIN, "--dataset-id", "local/hopper/loud-v0", "--output-dir", tmp_path / "runs",
-                        datasets_path=root, cwd=tmp_path))
-    usage_error(proc, "dataset local/hopper/loud-v0: actions span [-100, 100], "
-                      "outside the environment's bounds [-1, 1]")
+    proc = finish(
+        start(
+            MAIN,
+            "--dataset-id",
+            "local/hopper/loud-v0",
+            "--output-dir",
+            tmp_path / "runs",
+            datasets_path=root,
+            cwd=tmp_path,
+        )
+    )
+    usage_error(
+        proc, "dataset local/hopper/loud-v0: actions span [-100, 100], outside the environment's bounds [-1, 1]"
+    )
     assert snapshot(root) == before and no_run_folder(tmp_path / "runs")
 
 
@@ -241,11 +311,13 @@ def break_dataset(datasets_path, root: Path, kind: str):
         (data.parent / "notes.txt").write_text("mine")
 
 
-BROKEN = {"no episodes": f"dataset {DATASET} has no episodes",
-          "truncated hdf5": "cannot be read (Unable to synchronously open file (truncated file",
-          "lost last episode": "cannot be read (",
-          "no metadata.json": "has no metadata.json (an incomplete copy?)",
-          "not a dataset": "that folder holds no dataset: delete it and try again"}
+BROKEN = {
+    "no episodes": f"dataset {DATASET} has no episodes",
+    "truncated hdf5": "cannot be read (Unable to synchronously open file (truncated file",
+    "lost last episode": "cannot be read (",
+    "no metadata.json": "has no metadata.json (an incomplete copy?)",
+    "not a dataset": "that folder holds no dataset: delete it and try again",
+}
 
 
 def test_broken_datasets(datasets_path, tmp_path):
@@ -253,8 +325,20 @@ def test_broken_datasets(datasets_path, tmp_path):
     for kind, root in roots.items():
         break_dataset(datasets_path, root, kind)
     before = {kind: snapshot(root) for kind, root in roots.items()}
-    procs = {kind: start(MAIN, "--dataset", "random", "--random-dataset-steps", 400, "--output-dir",
-                         tmp_path / "runs", datasets_path=root, cwd=tmp_path) for kind, root in roots.items()}
+    procs = {
+        kind: start(
+            MAIN,
+            "--dataset",
+            "random",
+            "--random-dataset-steps",
+            400,
+            "--output-dir",
+            tmp_path / "runs",
+            datasets_path=root,
+            cwd=tmp_path,
+        )
+        for kind, root in roots.items()
+    }
     results = {kind: finish(proc) for kind, proc in procs.items()}
     for kind, proc in results.items():
         usage_error(proc, f"dataset {DATASET}", BROKEN[kind])
@@ -269,15 +353,20 @@ def test_broken_datasets(datasets_path, tmp_path):
 def test_rejected_before_any_work(tmp_path):
     root = tmp_path / "a" / "b" / "c" / "datasets"  # empty: loading the dataset would build it
     (tmp_path / "a_file").write_text("not a folder")
-    huge = 10 ** 12  # by the estimate (Ant-sized transitions, 880 bytes each) far beyond any machine
+    huge = 10**12  # by the estimate (Ant-sized transitions, 880 bytes each) far beyond any machine
     runs = tmp_path / "runs"
     cases = {
-        "online steps": (["--online-steps", huge, "--output-dir", runs], "the networks and the replay buffer need about"),
-        "hidden dim": (["--hidden-dim", 10 ** 9, "--output-dir", runs], "the networks and the replay buffer need about"),
+        "online steps": (
+            ["--online-steps", huge, "--output-dir", runs],
+            "the networks and the replay buffer need about",
+        ),
+        "hidden dim": (["--hidden-dim", 10**9, "--output-dir", runs], "the networks and the replay buffer need about"),
         "file as output dir": (["--output-dir", tmp_path / "a_file"], f"--output-dir {tmp_path / 'a_file'} cannot"),
         "output dir in a file": (["--output-dir", tmp_path / "a_file" / "runs"], "cannot hold run folders"),
-        "traversal": (["--dataset-id", "local/../../../x/random-300steps-v0", "--output-dir", runs],
-                      "dataset id 'local/../../../x/random-300steps-v0' is not a Minari id"),
+        "traversal": (
+            ["--dataset-id", "local/../../../x/random-300steps-v0", "--output-dir", runs],
+            "dataset id 'local/../../../x/random-300steps-v0' is not a Minari id",
+        ),
         "target return": (["--target-return", "nan", "--output-dir", runs], "--target-return must be finite, got nan"),
     }
     before = snapshot(tmp_path)
@@ -301,10 +390,21 @@ class Evil:
 def test_a_malicious_pickle_as_load_offline_does_not_run(datasets_path, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"agent": {}, "meta": Evil(marker), "num_updates": 0, "rng": {}}, tmp_path / "offline.pt")
-    proc = finish(start(MAIN, *QUICK, "--load-offline", tmp_path / "offline.pt", "--output-dir", tmp_path / "runs",
-                        datasets_path=datasets_path, cwd=tmp_path))
-    usage_error(proc, f"--load-offline: {tmp_path / 'offline.pt'} is not a readable checkpoint (UnpicklingError: ",
-                alone=True)
+    proc = finish(
+        start(
+            MAIN,
+            *QUICK,
+            "--load-offline",
+            tmp_path / "offline.pt",
+            "--output-dir",
+            tmp_path / "runs",
+            datasets_path=datasets_path,
+            cwd=tmp_path,
+        )
+    )
+    usage_error(
+        proc, f"--load-offline: {tmp_path / 'offline.pt'} is not a readable checkpoint (UnpicklingError: ", alone=True
+    )
     assert not marker.exists() and no_run_folder(tmp_path / "runs")
 
 
@@ -320,16 +420,20 @@ def edit_config(run: Path, **changes):
 
 
 def test_resume_of_a_folder_whose_config_does_not_fit(killed_run, datasets_path, tmp_path):
-    runs = {kind: resumable_copy(killed_run, tmp_path / kind)
-            for kind in ("string batch size", "float offline steps", "no method", "no progress")}
+    runs = {
+        kind: resumable_copy(killed_run, tmp_path / kind)
+        for kind in ("string batch size", "float offline steps", "no method", "no progress")
+    }
     edit_config(runs["string batch size"], batch_size="32")
     edit_config(runs["float offline steps"], offline_steps=200.0)
     edit_config(runs["no method"], method=None)
     (runs["no progress"] / "progress.csv").unlink()
-    messages = {"string batch size": "config.json has batch_size='32', not a <class 'int'>",
-                "float offline steps": "config.json has offline_steps=200.0, not a <class 'int'>",
-                "no method": "is a run of an unknown method, not redq_adaptive_bc",
-                "no progress": "has no progress.csv; start a new run instead"}
+    messages = {
+        "string batch size": "config.json has batch_size='32', not a <class 'int'>",
+        "float offline steps": "config.json has offline_steps=200.0, not a <class 'int'>",
+        "no method": "is a run of an unknown method, not redq_adaptive_bc",
+        "no progress": "has no progress.csv; start a new run instead",
+    }
     before = {kind: snapshot(run) for kind, run in runs.items()}
     results = run_together({kind: (MAIN, "--resume", run) for kind, run in runs.items()}, datasets_path, tmp_path)
     for kind, proc in results.items():
@@ -346,8 +450,11 @@ def test_the_next_build_removes_a_dead_builds_staging_folder(tmp_path):
     (leftover / "local/hopper/random-300steps-v0/data").mkdir(parents=True)
     (leftover / "local/hopper/random-300steps-v0/data/main_data.hdf5").write_bytes(b"\x89HDF\r\n half")
     # the build happens, then the run stops at its reference scores (min above D4RL's max), cheaply
-    proc = finish(start(MAIN, *QUICK, "--ref-min-score", 5000, "--output-dir", tmp_path / "runs",
-                        datasets_path=root, cwd=tmp_path))
+    proc = finish(
+        start(
+            MAIN, *QUICK, "--ref-min-score", 5000, "--output-dir", tmp_path / "runs", datasets_path=root, cwd=tmp_path
+        )
+    )
     usage_error(proc, "reference scores must satisfy min < max, got 5000.0 and 3234.3")
     assert not leftover.exists() and sorted(p.name for p in root.iterdir()) == ["local"]
     assert json.loads((root / "local/hopper/random-300steps-v0/data/metadata.json").read_text())["total_steps"] == 300
@@ -384,7 +491,7 @@ def every_script(datasets_path, tmp_path_factory):
     for script in SCRIPTS:
         name = Path(script).stem
         cases[("seed", script)] = (script, "--seed", -1, "--output-dir", tmp / "runs" / name)
-        cases[("huge", script)] = (script, "--hidden-dim", 10 ** 9, "--output-dir", tmp / "runs" / name)
+        cases[("huge", script)] = (script, "--hidden-dim", 10**9, "--output-dir", tmp / "runs" / name)
         try:
             folders[script] = method_run_folder(script, tmp / "resume" / name)
             cases[("latest", script)] = (script, "--resume", folders[script])

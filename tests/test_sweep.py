@@ -27,7 +27,7 @@ spec.loader.exec_module(sweep)
 # <output-dir>/<env>-<dataset>__<name>__<seed>__<time>/ with config.json, then offline.pt and final.pt;
 # --resume RUN continues RUN; SIGTERM/SIGUSR1 save latest.pt and exit 128 + signal. It appends its
 # argv and start/end times to <run>/calls.jsonl. STUB_SLEEP: seconds to run.
-STUB = r'''
+STUB = r"""
 import json, os, signal, sys, time
 start, argv, got = time.time(), sys.argv[1:], []
 known = {"--env", "--dataset", "--seed", "--output-dir", "--resume", "--load-offline", "--steps", "--utd", "--fail",
@@ -47,7 +47,8 @@ if "--resume" in opts:
     run = opts["--resume"]
 else:
     name = os.path.basename(__file__)[:-3]
-    run = os.path.join(opts["--output-dir"], f"{opts['--env']}-{opts['--dataset']}__{name}__{opts['--seed']}__{int(start)}")
+    folder = f"{opts['--env']}-{opts['--dataset']}__{name}__{opts['--seed']}__{int(start)}"
+    run = os.path.join(opts["--output-dir"], folder)
     os.makedirs(run)
     json.dump(argv, open(os.path.join(run, "config.json"), "w"))
 for s in (signal.SIGTERM, signal.SIGUSR1):
@@ -64,7 +65,7 @@ if "--fail" in argv:
     sys.exit(1)
 open(os.path.join(run, "offline.pt"), "w").write("agent")
 open(os.path.join(run, "final.pt"), "w").write("done")
-'''
+"""
 
 
 @pytest.fixture
@@ -76,8 +77,12 @@ def stub(tmp_path):
 
 def calls(task_dir):
     """[(run folder, call)] of every stub call in a task folder."""
-    return [(run, json.loads(line)) for run in sorted(Path(task_dir).glob("*__*")) if (run / "calls.jsonl").exists()
-            for line in (run / "calls.jsonl").read_text().splitlines()]
+    return [
+        (run, json.loads(line))
+        for run in sorted(Path(task_dir).glob("*__*"))
+        if (run / "calls.jsonl").exists()
+        for line in (run / "calls.jsonl").read_text().splitlines()
+    ]
 
 
 def runs_of(*args):
@@ -95,16 +100,20 @@ def pre_trainings(runs):
     return {r.after for r in runs} - {None}
 
 
-@pytest.mark.parametrize("n,total,pre,fine,whole", [(1, 60, 15, 45, 45), (2, 615, 180, 360, 435),
-                                                    (3, 360, 60, 300, 300), (4, 45, 15, 30, 30), (5, 100, 40, 60, 60)])
+@pytest.mark.parametrize(
+    "n,total,pre,fine,whole",
+    [(1, 60, 15, 45, 45), (2, 615, 180, 360, 435), (3, 360, 60, 300, 300), (4, 45, 15, 30, 30), (5, 100, 40, 60, 60)],
+)
 def test_figure_run_counts(n, total, pre, fine, whole):
     runs = runs_of("--figure", str(n))
     assert (len(runs), len(pre_trainings(runs)), sum(r.after is not None for r in runs)) == (total, pre, fine)
     assert [r.argv[-1] if r.after is None else r.argv[-3] for r in runs] == [
-        f"/tmp/sweep-test-unused/runs/task_{i}" for i in range(total)]
+        f"/tmp/sweep-test-unused/runs/task_{i}" for i in range(total)
+    ]
     assert len(runs_of("--figure", str(n), "--no-pretrain-once")) == whole
-    assert not any({"--load-offline", "--online-steps"} & set(r.argv)
-                   for r in runs_of("--figure", str(n), "--no-pretrain-once"))
+    assert not any(
+        {"--load-offline", "--online-steps"} & set(r.argv) for r in runs_of("--figure", str(n), "--no-pretrain-once")
+    )
 
 
 def test_figure_variants_all_fine_tune_their_group_s_pre_training():
@@ -112,10 +121,16 @@ def test_figure_variants_all_fine_tune_their_group_s_pre_training():
     every variant of a pre-trained figure group, the default one included, fine-tunes the pre-training of the same
     method, env, dataset and seed: Fig. 5's M = 10 shares the default's, N = M = 2 has its own."""
     alphas = [["--no-adaptive-bc", "--alpha-online", a] for a in ("0.0", "0.1", "0.2", "0.3")]
-    expected = {1: {(): [["--alpha-online", a] for a in ("0.0", "0.1", "0.3")]}, 3: {(): [[], *alphas]},
-                4: {(): [["--keep-ratio", "1.0"], ["--keep-ratio", "0.05"]]}, 2: {(): [[], ["--utd", "20"]]},
-                5: {(): [[], ["--num-min-critics", "10"]],
-                    ("--num-critics", "2"): [["--num-critics", "2", "--num-min-critics", "2"]]}}
+    expected = {
+        1: {(): [["--alpha-online", a] for a in ("0.0", "0.1", "0.3")]},
+        3: {(): [[], *alphas]},
+        4: {(): [["--keep-ratio", "1.0"], ["--keep-ratio", "0.05"]]},
+        2: {(): [[], ["--utd", "20"]]},
+        5: {
+            (): [[], ["--num-min-critics", "10"]],
+            ("--num-critics", "2"): [["--num-critics", "2", "--num-min-critics", "2"]],
+        },
+    }
     for n, groups in expected.items():
         runs = runs_of("--figure", str(n))
         for p in pre_trainings(runs):
@@ -135,17 +150,29 @@ def test_pre_training_flags_group_variants_and_online_steps_0_wins():
     gets every run's flags, --online-steps (even as --online-steps=60) left out, then --online-steps 0; the
     fine-tunes get everything. REDQ from scratch has no offline phase: its variants run whole."""
     variants = [[], ["--alpha-online", "0.1"], ["--hidden-dim", "8", "--utd", "2"], ["--no-delay-target-updates"]]
-    runs = runs_of("--methods", "td3_bc", "--seeds", "0", "--pretrain-once",
-                   "--extra=--online-steps=60 --batch-size 32", "--extra-for", "td3_bc", "--eval-every 20",
-                   *(f"--variant={shlex.join(v)}" for v in variants))
+    runs = runs_of(
+        "--methods",
+        "td3_bc",
+        "--seeds",
+        "0",
+        "--pretrain-once",
+        "--extra=--online-steps=60 --batch-size 32",
+        "--extra-for",
+        "td3_bc",
+        "--eval-every 20",
+        *(f"--variant={shlex.join(v)}" for v in variants),
+    )
     common = ["--batch-size", "32", "--eval-every", "20"]
     assert [r.argv[8:-2] for r in runs if r.after is None] == [
-        [*common, *flags, "--online-steps", "0"] for flags in ([], variants[2][:2], variants[3])]
+        [*common, *flags, "--online-steps", "0"] for flags in ([], variants[2][:2], variants[3])
+    ]
     tunes = [r for r in runs if r.after is not None]
     assert [r.after for r in tunes] == [0, 0, 1, 2]
     assert [r.argv[8:-4] for r in tunes] == [["--online-steps=60", *common, *flags] for flags in variants]
-    assert not any({"--load-offline", "--online-steps"} & set(r.argv) for r in runs_of(
-        "--methods", "redq", "--pretrain-once", "--variant", "", "--variant", "--utd 5"))
+    assert not any(
+        {"--load-offline", "--online-steps"} & set(r.argv)
+        for r in runs_of("--methods", "redq", "--pretrain-once", "--variant", "", "--variant", "--utd 5")
+    )
 
 
 def test_figure_2_scratch_once_per_env_and_seed_and_g_matched_rows():
@@ -157,8 +184,9 @@ def test_figure_2_scratch_once_per_env_and_seed_and_g_matched_rows():
         rows = [r for r in runs if script in r.argv]  # a pre-training, then G = 1 and G = 20 fine-tunes
         assert len(rows) == 3 * 60 and sum(option(r.argv, "--utd") == "20" for r in rows) == 60
         assert sum(option(r.argv, "--online-steps") == "0" for r in rows) == 60
-    assert not any({"--utd", "--online-steps", "--load-offline"} & set(r.argv) for r in runs
-                   if "redq_adaptive_bc.py" in r.argv)  # the method's runs are whole
+    assert not any(
+        {"--utd", "--online-steps", "--load-offline"} & set(r.argv) for r in runs if "redq_adaptive_bc.py" in r.argv
+    )  # the method's runs are whole
     assert len([r for r in runs if "redq_adaptive_bc.py" in r.argv]) == 60
 
 
@@ -185,19 +213,23 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert sweep.main(["--figure", "4", "--seeds", "0", "--dry-run", "--sweep-dir", str(tmp_path / "sw")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if line.startswith("python ")]) == 9 and not (tmp_path / "sw").exists()
-    assert lines[-1].endswith(f"python plot.py {tmp_path}/sw/runs/ --methods td3_bc --datasets random "
-                              "--label-by keep_ratio --out plots/fig4")
+    assert lines[-1].endswith(
+        f"python plot.py {tmp_path}/sw/runs/ --methods td3_bc --datasets random --label-by keep_ratio --out plots/fig4"
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--methods", "sac"], "method 'sac': no such script"),
-    (["--figure", "6"], "invalid choice: 6"),
-    (["--figure", "1", "--methods", "awac"], "Figure 1 has no method 'awac'"),
-    (["--figure", "1", "--variant", "--utd 2"], "--variant cannot be combined with --figure"),
-    (["--methods", "td3_bc", "--extra", "--seed 3"], "'--seed' is not a flag, or is one the sweep sets"),
-    (["--methods", "td3_bc", "--extra-for", "awac", "--utd 2"], "'awac' is not a method of this sweep"),
-    (["--methods", "td3_bc", "--workers", "0"], "--workers and --cpus must be positive"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--methods", "sac"], "method 'sac': no such script"),
+        (["--figure", "6"], "invalid choice: 6"),
+        (["--figure", "1", "--methods", "awac"], "Figure 1 has no method 'awac'"),
+        (["--figure", "1", "--variant", "--utd 2"], "--variant cannot be combined with --figure"),
+        (["--methods", "td3_bc", "--extra", "--seed 3"], "'--seed' is not a flag, or is one the sweep sets"),
+        (["--methods", "td3_bc", "--extra-for", "awac", "--utd 2"], "'awac' is not a method of this sweep"),
+        (["--methods", "td3_bc", "--workers", "0"], "--workers and --cpus must be positive"),
+    ],
+)
 def test_bad_sweep_input_is_one_line_exit_2(args, needle):
     result = subprocess.run([sys.executable, str(SWEEP), *args, "--dry-run"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
@@ -209,13 +241,41 @@ def test_bad_sweep_input_is_one_line_exit_2(args, needle):
 
 def test_flags_pass_through_a_method_by_path_and_resume(stub, tmp_path, capsys):
     sd = tmp_path / "sw"
-    args = ["--methods", str(stub), "--seeds", "0", "--variant", "", "--variant=--fail", "--extra", "--steps 5",
-            "--extra-for", "my_method", "--utd 3", "--sweep-dir", str(sd), "--status-every", "0.1"]
+    args = [
+        "--methods",
+        str(stub),
+        "--seeds",
+        "0",
+        "--variant",
+        "",
+        "--variant=--fail",
+        "--extra",
+        "--steps 5",
+        "--extra-for",
+        "my_method",
+        "--utd 3",
+        "--sweep-dir",
+        str(sd),
+        "--status-every",
+        "0.1",
+    ]
     assert sweep.main(args) == 1
     assert capsys.readouterr().out.splitlines()[-2] == "2 runs: 1 ok, 1 failed"
-    (run0, call0), = calls(sd / "runs" / "task_0")
-    assert call0["argv"] == ["--env", "hopper", "--dataset", "medium", "--seed", "0", "--steps", "5", "--utd", "3",
-                             "--output-dir", f"{sd}/runs/task_0"]
+    ((run0, call0),) = calls(sd / "runs" / "task_0")
+    assert call0["argv"] == [
+        "--env",
+        "hopper",
+        "--dataset",
+        "medium",
+        "--seed",
+        "0",
+        "--steps",
+        "5",
+        "--utd",
+        "3",
+        "--output-dir",
+        f"{sd}/runs/task_0",
+    ]
     assert run0.name.startswith("hopper-medium__my_method__0__")
     assert sweep.main(args) == 0  # again: task 0 is complete, task 1 resumes its unfinished run
     assert capsys.readouterr().out.splitlines()[-2] == "2 runs: 1 complete, 1 ok"
@@ -226,8 +286,9 @@ def test_flags_pass_through_a_method_by_path_and_resume(stub, tmp_path, capsys):
 
 def test_a_bad_flag_fails_the_first_run_with_exit_2_and_stops_the_sweep(stub, tmp_path, capsys):
     sd = tmp_path / "sw"
-    code = sweep.main(["--methods", str(stub), "--seeds", "0", "1", "2", "--extra", "--bogus 1", "--sweep-dir",
-                       str(sd)])
+    code = sweep.main(
+        ["--methods", str(stub), "--seeds", "0", "1", "2", "--extra", "--bogus 1", "--sweep-dir", str(sd)]
+    )
     out, err = capsys.readouterr()
     assert code == 2 and out.splitlines()[-2] == "3 runs: 1 failed, 2 not started"
     assert "FAILED task 0 (exit 2): error: unknown flag --bogus" in err
@@ -241,44 +302,110 @@ def test_pre_train_once_locally(stub, tmp_path, capsys, monkeypatch):
     fine-tunes."""
     monkeypatch.setenv("STUB_SLEEP", "0.3")
     sd = tmp_path / "sw"
-    args = ["--methods", str(stub), "--envs", "hopper", "walker2d", "--seeds", "0", "--variant", "", "--variant",
-            "--utd 20", "--variant", "--hidden-dim 8 --utd 5", "--extra", "--online-steps 7", "--pretrain-once",
-            "--workers", "4", "--sweep-dir", str(sd)]
+    args = [
+        "--methods",
+        str(stub),
+        "--envs",
+        "hopper",
+        "walker2d",
+        "--seeds",
+        "0",
+        "--variant",
+        "",
+        "--variant",
+        "--utd 20",
+        "--variant",
+        "--hidden-dim 8 --utd 5",
+        "--extra",
+        "--online-steps 7",
+        "--pretrain-once",
+        "--workers",
+        "4",
+        "--sweep-dir",
+        str(sd),
+    ]
     assert sweep.main(args) == 0
     commands = (sd / "commands.txt").read_text().splitlines()
     assert [c.split("--load-offline ")[-1] if "--load-offline" in c else None for c in commands] == [None] * 4 + [
-        f"{sd}/runs/task_{j}" for j in (0, 0, 1, 2, 2, 3)]
+        f"{sd}/runs/task_{j}" for j in (0, 0, 1, 2, 2, 3)
+    ]
     for pre, hidden in [(0, None), (1, "8"), (2, None), (3, "8")]:
-        (_, call), = calls(sd / "runs" / f"task_{pre}")
+        ((_, call),) = calls(sd / "runs" / f"task_{pre}")
         assert call["argv"].count("--online-steps") == 1 and option(call["argv"], "--online-steps") == "0"
         assert option(call["argv"], "--hidden-dim") == hidden and "--utd" not in call["argv"]
     for i, pre, utd in [(4, 0, None), (5, 0, "20"), (6, 1, "5"), (7, 2, None), (8, 2, "20"), (9, 3, "5")]:
-        (pre_run, pre_call), = calls(sd / "runs" / f"task_{pre}")
-        (_, call), = calls(sd / "runs" / f"task_{i}")
+        ((pre_run, pre_call),) = calls(sd / "runs" / f"task_{pre}")
+        ((_, call),) = calls(sd / "runs" / f"task_{i}")
         assert call["start"] >= pre_call["end"]
         assert option(call["argv"], "--load-offline") == str(pre_run / "offline.pt")
         assert (option(call["argv"], "--online-steps"), option(call["argv"], "--utd")) == ("7", utd)
     default_run = calls(sd / "runs" / "task_0")[0][0]
-    mixed = subprocess.run([sys.executable, str(stub), "--env", "hopper", "--dataset", "medium", "--seed", "0",
-                            "--hidden-dim", "8", "--load-offline", str(default_run / "offline.pt"), "--output-dir",
-                            str(tmp_path / "mixed")], capture_output=True, text=True)
+    mixed = subprocess.run(
+        [
+            sys.executable,
+            str(stub),
+            "--env",
+            "hopper",
+            "--dataset",
+            "medium",
+            "--seed",
+            "0",
+            "--hidden-dim",
+            "8",
+            "--load-offline",
+            str(default_run / "offline.pt"),
+            "--output-dir",
+            str(tmp_path / "mixed"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert mixed.returncode == 2 and "another --hidden-dim" in mixed.stderr  # what a wrong grouping would meet
     capsys.readouterr()
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.splitlines()[-2] == "10 runs: 10 complete"
 
     monkeypatch.setenv("STUB_SLEEP", "0")
-    failing = ["--methods", str(stub), "--seeds", "0", "--extra=--fail", "--variant", "", "--variant", "--utd 20",
-               "--pretrain-once", "--sweep-dir", str(tmp_path / "sw2")]
+    failing = [
+        "--methods",
+        str(stub),
+        "--seeds",
+        "0",
+        "--extra=--fail",
+        "--variant",
+        "",
+        "--variant",
+        "--utd 20",
+        "--pretrain-once",
+        "--sweep-dir",
+        str(tmp_path / "sw2"),
+    ]
     assert sweep.main(failing) == 1
     assert capsys.readouterr().out.splitlines()[-2] == "3 runs: 1 failed, 2 skipped"
 
 
 def test_interrupted_sweep_stops_its_runs_with_sigterm(stub, tmp_path):
     sd = tmp_path / "sw"
-    proc = subprocess.Popen([sys.executable, str(SWEEP), "--methods", str(stub), "--seeds", "0", "1", "2",
-                             "--workers", "2", "--sweep-dir", str(sd)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "STUB_SLEEP": "60"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SWEEP),
+            "--methods",
+            str(stub),
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--workers",
+            "2",
+            "--sweep-dir",
+            str(sd),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "STUB_SLEEP": "60"},
+    )
     deadline = time.time() + 30
     while time.time() < deadline and len(list(sd.glob("runs/task_*/*/pid"))) < 2:
         time.sleep(0.05)
@@ -305,10 +432,40 @@ def slurm_sweep(stub, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari data"))
     sd, file = tmp_path / "sw", tmp_path / "job" / "fig.sbatch"
     file.parent.mkdir()
-    assert sweep.main(["--methods", str(stub), "--envs", "hopper", "walker2d", "--seeds", "0", "1", "--variant", "",
-                       "--variant", "--utd 20", "--variant", "--hidden-dim 8", "--pretrain-once", "--sweep-dir",
-                       str(sd), "--slurm", str(file), "--setup", "echo setup-ran", "--gpus", "1", "--time", "1:00:00",
-                       "--workers", "3"]) == 0
+    assert (
+        sweep.main(
+            [
+                "--methods",
+                str(stub),
+                "--envs",
+                "hopper",
+                "walker2d",
+                "--seeds",
+                "0",
+                "1",
+                "--variant",
+                "",
+                "--variant",
+                "--utd 20",
+                "--variant",
+                "--hidden-dim 8",
+                "--pretrain-once",
+                "--sweep-dir",
+                str(sd),
+                "--slurm",
+                str(file),
+                "--setup",
+                "echo setup-ran",
+                "--gpus",
+                "1",
+                "--time",
+                "1:00:00",
+                "--workers",
+                "3",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "bin").mkdir()
     for tool, reply in (("sbatch", "echo 77"), ("scontrol", "")):
         (tmp_path / "bin" / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {tmp_path}/slurm.log\n{reply}\n')
@@ -322,8 +479,13 @@ def stub_of(sd):
 
 def task_env(tmp_path, task, slot=None, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "STUB_SLEEP")}
-    env.update(PATH=f"{tmp_path}/bin:{env['PATH']}", SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID=str(task),
-               SLURM_CPUS_PER_TASK="3", **extra)
+    env.update(
+        PATH=f"{tmp_path}/bin:{env['PATH']}",
+        SLURM_ARRAY_JOB_ID="77",
+        SLURM_ARRAY_TASK_ID=str(task),
+        SLURM_CPUS_PER_TASK="3",
+        **extra,
+    )
     return {**env, "SWEEP_SLOT": str(slot)} if slot is not None else env
 
 
@@ -333,9 +495,16 @@ SLOT_ARRAYS = ["0-3,10-13%3", "0,2,10,12%3"]  # slot 0: every pre-training; slot
 def test_slurm_files(slurm_sweep):
     sd, file, tmp_path = slurm_sweep
     lines = file.read_text().splitlines()
-    for line in ["#SBATCH --array=0-3,10-13%3", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
-                 "#SBATCH --gres=gpu:1", "#SBATCH --time=1:00:00", "echo setup-ran",
-                 f"PYTHON=${{PYTHON:-{sys.executable}}}", f"export MINARI_DATASETS_PATH='{tmp_path}/minari data'"]:
+    for line in [
+        "#SBATCH --array=0-3,10-13%3",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --time=1:00:00",
+        "echo setup-ran",
+        f"PYTHON=${{PYTHON:-{sys.executable}}}",
+        f"export MINARI_DATASETS_PATH='{tmp_path}/minari data'",
+    ]:
         assert line in lines
     assert any(line.startswith("export ") and "HF_HUB_OFFLINE=1" in line for line in lines)
     assert "trap 'forward USR1' USR1" in file.read_text()
@@ -344,15 +513,23 @@ def test_slurm_files(slurm_sweep):
     submit = (tmp_path / "job" / "fig.submit.sh").read_text()
     assert f"first=$(sbatch --parsable {file})" in submit
     for k, array in enumerate(SLOT_ARRAYS):
-        assert (f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name=sweep-ft{k} "
-                f"--array={array} --export=ALL,SWEEP_SLOT={k} {file}") in submit
+        assert (
+            f"sbatch --dependency=aftercorr:$first --kill-on-invalid-dep=yes --job-name=sweep-ft{k} "
+            f"--array={array} --export=ALL,SWEEP_SLOT={k} {file}"
+        ) in submit
     for script in (file, tmp_path / "job" / "fig.submit.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert subprocess.run(["bash", str(tmp_path / "job" / "fig.submit.sh")], env=task_env(tmp_path, 0),
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            ["bash", str(tmp_path / "job" / "fig.submit.sh")], env=task_env(tmp_path, 0), capture_output=True
+        ).returncode
+        == 0
+    )
     assert (tmp_path / "slurm.log").read_text().splitlines() == [f"sbatch --parsable {file}"] + [
         f"sbatch --dependency=aftercorr:77 --kill-on-invalid-dep=yes --job-name=sweep-ft{k} --array={array} "
-        f"--export=ALL,SWEEP_SLOT={k} {file}" for k, array in enumerate(SLOT_ARRAYS)]
+        f"--export=ALL,SWEEP_SLOT={k} {file}"
+        for k, array in enumerate(SLOT_ARRAYS)
+    ]
 
 
 def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
@@ -362,18 +539,18 @@ def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
     SIGUSR1 as at the time limit, requeues itself, and resumes."""
     sd, file, tmp_path = slurm_sweep
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2), timeout=60).returncode == 0
-    (pre_run, pre_call), = calls(sd / "runs" / "task_2")
+    ((pre_run, pre_call),) = calls(sd / "runs" / "task_2")
     assert option(pre_call["argv"], "--online-steps") == "0" and "--hidden-dim" not in pre_call["argv"]
     log = (sd / "logs" / "task_2.log").read_text().splitlines()  # the task's own log, as a local sweep writes
     assert log[0].startswith("=== ") and log[-1].startswith(f"+ {sys.executable} {stub_of(sd)} --env walker2d")
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2, slot=1), timeout=60).returncode == 0
-    (_, call), = calls(sd / "runs" / "task_8")
+    ((_, call),) = calls(sd / "runs" / "task_8")
     assert option(call["argv"], "--utd") == "20"
     assert option(call["argv"], "--load-offline") == str(pre_run / "offline.pt")
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2, slot=2), capture_output=True).returncode == 2
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3), timeout=60).returncode == 0
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=0), timeout=60).returncode == 0
-    (_, call), = calls(sd / "runs" / "task_9")
+    ((_, call),) = calls(sd / "runs" / "task_9")
     assert option(call["argv"], "--hidden-dim") == "8" and "/task_3/" in option(call["argv"], "--load-offline")
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=1), capture_output=True).returncode == 2
 
@@ -383,7 +560,7 @@ def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
         time.sleep(0.05)
     task.send_signal(signal.SIGUSR1)  # --signal=B:USR1 signals the batch shell only
     assert task.wait(timeout=30) == 128 + signal.SIGUSR1
-    (run, call), = calls(sd / "runs" / "task_10")
+    ((run, call),) = calls(sd / "runs" / "task_10")
     assert call["signals"] == [signal.SIGUSR1] and (run / "latest.pt").exists()
     assert (tmp_path / "slurm.log").read_text().splitlines()[-1] == "scontrol requeue 77_10"
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 10), timeout=60).returncode == 0  # requeued

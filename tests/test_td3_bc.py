@@ -8,18 +8,37 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from conftest import assert_same_networks, FixedActor, read_csv, ROOT, run_script, signal_when, start_script
+from conftest import ROOT, FixedActor, assert_same_networks, read_csv, run_script, signal_when, start_script
 
 sys.path.insert(0, str(ROOT / "baselines"))
 import td3_bc  # noqa: E402
+
 from plumbing.cli import UsageError, parse_args  # noqa: E402
 
 # conftest's 400-step dataset; 3 offline and 2 online evaluations. Long enough (a few seconds) for the resume
 # test to catch each phase's checkpoints: this run is also the uninterrupted run it compares with.
-RUN = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 400, "--online-steps", 200,
-       "--eval-every", 200, "--eval-episodes", 1, "--hidden-dim", 16, "--batch-size", 32, "--utd", 2,
-       "--checkpoint-every", 50]
+RUN = [
+    "--dataset",
+    "random",
+    "--random-dataset-steps",
+    400,
+    "--offline-steps",
+    400,
+    "--online-steps",
+    200,
+    "--eval-every",
+    200,
+    "--eval-episodes",
+    1,
+    "--hidden-dim",
+    16,
+    "--batch-size",
+    32,
+    "--utd",
+    2,
+    "--checkpoint-every",
+    50,
+]
 REF = (-20.272305, 3234.3)  # D4RL's hopper scores: conftest's dataset has none in its metadata
 
 start = functools.partial(start_script, "baselines/td3_bc.py")  # start(*flags, datasets_path=, cwd=)
@@ -46,8 +65,14 @@ def test_target_takes_the_min_of_both_critics():
         return q_next
 
     # min(5, 2) = 2 -> y1 = 1 + 0.9 x 2 = 2.8; min(1, 6) = 1 but terminal -> y2 = 0.5.
-    y = td3_bc.td_target(batch([1.0, 0.5], [0.0, 1.0], torch.zeros(2, 1)), FixedActor(torch.zeros(2, 1)),
-                         critic_target, gamma=0.9, policy_noise=0.0, noise_clip=0.5)
+    y = td3_bc.td_target(
+        batch([1.0, 0.5], [0.0, 1.0], torch.zeros(2, 1)),
+        FixedActor(torch.zeros(2, 1)),
+        critic_target,
+        gamma=0.9,
+        policy_noise=0.0,
+        noise_clip=0.5,
+    )
     assert torch.allclose(y, torch.tensor([2.8, 0.5])) and calls == [None]  # both critics, no random subset
     agent = td3_bc.Agent(2, 1, np.array([-1.0]), np.array([1.0]), td3_bc.Args(hidden_dim=8), torch.device("cpu"))
     assert agent.critic(torch.zeros(4, 2), torch.zeros(4, 1)).shape == (2, 4)  # N = 2 in one batched module
@@ -68,8 +93,9 @@ def test_actor_follows_q1_alone_and_the_critic_loss_sums_both():
     assert torch.allclose(q.grad, torch.tensor([[-0.25, -0.25], [0.0, 0.0]]))  # -1 / (B mean|Q_1|); Q_2: none
     torch.manual_seed(0)  # with the real twin-critic module: the actor's gradient reaches critic 1 only
     ens = td3_bc.CriticEnsemble(2, 2, 1, hidden_dim=8)
-    td3_bc.actor_loss(FixedActor(torch.zeros(4, 1)), ens, batch([0.0] * 4, [0.0] * 4, torch.zeros(4, 1)),
-                      alpha=0.4).backward()
+    td3_bc.actor_loss(
+        FixedActor(torch.zeros(4, 1)), ens, batch([0.0] * 4, [0.0] * 4, torch.zeros(4, 1)), alpha=0.4
+    ).backward()
     assert ens.weights[-1].grad[0].abs().sum() > 0 and ens.weights[-1].grad[1].abs().sum() == 0
     # Critic loss: per-critic MSE to y = 0, summed: (1 + 9) / 2 + (10000 + 2500) / 2 = 6255.
     assert td3_bc.critic_loss(critic, b, torch.zeros(2))[0].item() == pytest.approx(6255.0)
@@ -81,20 +107,24 @@ def test_td3_ft_keeps_the_whole_dataset_and_fig4_keeps_five_percent():
     buf = td3_bc.ReplayBuffer(1000, obs_dim=1, act_dim=1, device=torch.device("cpu"))
     rewards = np.arange(1000, dtype=np.float32)
     buf.add(rewards[:, None], rewards[:, None], rewards, rewards[:, None], np.zeros(1000))
-    online = td3_bc.downsample(buf, 1000 + 250, args.keep_ratio, args.keep_min, args.keep_with_replacement,
-                               torch.Generator().manual_seed(0))
+    online = td3_bc.downsample(
+        buf, 1000 + 250, args.keep_ratio, args.keep_min, args.keep_with_replacement, torch.Generator().manual_seed(0)
+    )
     assert online.size == 1000 and sorted(online.data.rewards[:1000].tolist()) == rewards.tolist()
     assert torch.equal(online.data.obs[:1000, 0], online.data.rewards[:1000])  # rows stay whole transitions
     assert td3_bc.downsample(buf, 1250, 0.05, 0, False, torch.Generator().manual_seed(0)).size == 50
     assert td3_bc.num_kept(1000, 0.05, 50_000) == 1000 and td3_bc.num_kept(2_000_000, 0.05, 50_000) == 100_000
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1]"),
-    (["--alpha-online", "-0.1"], "--alpha-online must be non-negative"),
-    (["--utd", "0"], "--utd must be positive"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1]"),
+        (["--alpha-online", "-0.1"], "--alpha-online must be non-negative"),
+        (["--utd", "0"], "--utd must be positive"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    ],
+)
 def test_bad_values(flags, message):
     with pytest.raises(UsageError) as e:
         td3_bc.check_args(parse_args(td3_bc.Args, td3_bc.METHOD, flags))
@@ -121,7 +151,8 @@ def test_run_writes_its_folder(td3_run):
     run_dir, proc = td3_run
     assert run_dir.name.startswith("hopper-random-400steps__td3_bc__0__")
     assert {"config.json", "progress.csv", "episodes.csv", "offline.pt", "final.pt", "actor.pt"} <= {
-        p.name for p in run_dir.iterdir()} and not (run_dir / "latest.pt").exists()
+        p.name for p in run_dir.iterdir()
+    } and not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "td3_bc" and config["dataset_id"] == "local/hopper/random-400steps-v0"
     assert (config["ref_min_score"], config["ref_max_score"]) == REF and config["alpha_offline"] == 0.4
@@ -132,7 +163,12 @@ def test_run_writes_its_folder(td3_run):
         assert f.readline().strip().split(",") == td3_bc.COLUMNS
     rows = read_csv(run_dir / "progress.csv")
     assert [(r["phase"], int(r["step"])) for r in rows] == [
-        ("offline", 0), ("offline", 200), ("offline", 400), ("online", 0), ("online", 200)]
+        ("offline", 0),
+        ("offline", 200),
+        ("offline", 400),
+        ("online", 0),
+        ("online", 200),
+    ]
     assert [float(r["alpha"]) for r in rows] == [0.4] * 3 + [0.0] * 2  # alpha_offline, then TD3-ft's 0
     assert all(float(r["critic_loss"]) > 0 for r in rows if int(r["step"]) > 0)
     assert proc.stdout.strip().splitlines()[-1].startswith("final normalized score")
@@ -158,16 +194,40 @@ def test_episodes_log_one_row_per_training_episode(td3_run):
         expected = 100 * (float(e["return"]) - REF[0]) / (REF[1] - REF[0])
         assert float(e["normalized_return"]) == pytest.approx(expected, rel=1e-5)
     online = [r for r in read_csv(run_dir / "progress.csv") if r["phase"] == "online" and r["step"] != "0"]
-    last = [max((e for e in episodes if int(e["step"]) <= int(r["step"])), key=lambda e: int(e["step"]), default=None)
-            for r in online]  # progress.csv repeats the latest finished episode's normalized return
-    assert [r["episode_normalized_return"] for r in online] == ["" if e is None else e["normalized_return"] for e in last]
+    last = [
+        max((e for e in episodes if int(e["step"]) <= int(r["step"])), key=lambda e: int(e["step"]), default=None)
+        for r in online
+    ]  # progress.csv repeats the latest finished episode's normalized return
+    assert [r["episode_normalized_return"] for r in online] == [
+        "" if e is None else e["normalized_return"] for e in last
+    ]
 
 
 def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path, tmp_path):
     run_dir, _ = td3_run
-    proc = run_script("baselines/td3_bc.py", "--load-offline", run_dir, "--online-steps", 60, "--eval-every", 20,
-                      "--eval-episodes", 1, "--batch-size", 32, "--alpha-online", 0.3, "--keep-ratio", 0.05,
-                      "--keep-min", 0, "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path)
+    proc = run_script(
+        "baselines/td3_bc.py",
+        "--load-offline",
+        run_dir,
+        "--online-steps",
+        60,
+        "--eval-every",
+        20,
+        "--eval-episodes",
+        1,
+        "--batch-size",
+        32,
+        "--alpha-online",
+        0.3,
+        "--keep-ratio",
+        0.05,
+        "--keep-min",
+        0,
+        "--output-dir",
+        tmp_path,
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (new_run,) = tmp_path.iterdir()
     rows = read_csv(new_run / "progress.csv")
@@ -182,14 +242,37 @@ def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path
 
 def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
     """--online-steps 0 (a sweep's pre-training stage): offline.pt, final.pt and actor.pt, no online rows."""
-    proc = run_script("baselines/td3_bc.py", "--dataset", "random", "--random-dataset-steps", 400, "--offline-steps",
-                      40, "--online-steps", 0, "--eval-every", 20, "--eval-episodes", 1, "--hidden-dim", 16,
-                      "--batch-size", 32, "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path)
+    proc = run_script(
+        "baselines/td3_bc.py",
+        "--dataset",
+        "random",
+        "--random-dataset-steps",
+        400,
+        "--offline-steps",
+        40,
+        "--online-steps",
+        0,
+        "--eval-every",
+        20,
+        "--eval-episodes",
+        1,
+        "--hidden-dim",
+        16,
+        "--batch-size",
+        32,
+        "--output-dir",
+        tmp_path,
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = tmp_path.iterdir()
     assert {"offline.pt", "final.pt", "actor.pt"} <= {p.name for p in run_dir.iterdir()}
     assert [(r["phase"], r["step"]) for r in read_csv(run_dir / "progress.csv")] == [
-        ("offline", "0"), ("offline", "20"), ("offline", "40")]
+        ("offline", "0"),
+        ("offline", "20"),
+        ("offline", "40"),
+    ]
     assert not read_csv(run_dir / "episodes.csv") and "switch to online" not in proc.stderr
     assert optimizer_steps(run_dir) == optimizer_steps(run_dir, "offline.pt") == (40, 20)
 
@@ -197,8 +280,15 @@ def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
 # The loss columns average the steps since the previous row, and a resumed process starts its average at the
 # checkpoint: they are left out. Scores depend on every step before them.
-COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "alpha",
-            "episode_normalized_return"]
+COMPARED = [
+    "phase",
+    "step",
+    "normalized_score",
+    "normalized_score_std",
+    "return_mean",
+    "alpha",
+    "episode_normalized_return",
+]
 
 
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datasets_path, tmp_path):

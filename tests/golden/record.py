@@ -28,8 +28,13 @@ def main():
         build_dataset(env)
         for name, (script, flags) in GOLDEN_RUNS.items():
             out = tmp / name
-            subprocess.run([sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)], cwd=tmp, env=env,
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)],
+                cwd=tmp,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             (run_dir,) = out.iterdir()
             shutil.copy(run_dir / "progress.csv", HERE / f"{name}.csv")
             print(f"recorded {name}")
