@@ -41,10 +41,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
+from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.compile import compile_step
 from plumbing.datasets import check_transitions, open_task
+from plumbing.errors import UsageError
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
+from plumbing.runtime import pick_device, progress_bar, seed_everything
 
 METHOD = "redq_adaptive_bc"
 

@@ -62,10 +62,12 @@ import torch.nn as nn
 from tyro.conf import Suppress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
-from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
+from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import ENV_IDS, Task, choose_reference_scores, dataset_path
+from plumbing.errors import UsageError
 from plumbing.recording import EpisodeRecorder
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, open_run
+from plumbing.runtime import pick_device, progress_bar, seed_everything
 
 METHOD = "redq"
 

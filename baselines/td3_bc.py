@@ -69,9 +69,11 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
-from plumbing.cli import RunArgs, UsageError, check_ranges, pick_device, progress_bar, run_main, seed_everything
+from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import check_transitions, open_task
+from plumbing.errors import UsageError
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
+from plumbing.runtime import pick_device, progress_bar, seed_everything
 
 METHOD = "td3_bc"
 NUM_CRITICS = 2  # TD3's twin critics

@@ -17,27 +17,15 @@ from pathlib import Path
 from typing import Literal
 
 import tyro
-from tqdm import tqdm
 
+from plumbing.errors import STOP_SIGNALS, Preempted, RunFinished, TrainingDiverged, UsageError, request_stop
+from plumbing.run_folder import check_output_dir
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit status 2, before any work starts."""
-
-
-class TrainingDiverged(Exception):
-    """A loss became non-finite: exit status 1, rows and checkpoints written before are kept."""
-
-
-class RunFinished(Exception):
-    """--resume of a run that has final.pt: nothing to do, exit status 0."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived and a resumable latest.pt was written: exit status 128 + signal."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+# Re-exported for scripts written before plumbing.runtime existed (benchmarks/update_speed.py --against REV).
+from plumbing.runtime import pick_device as pick_device
+from plumbing.runtime import progress_bar as progress_bar
+from plumbing.runtime import seed_everything as seed_everything
+from plumbing.tracking import check_tracking
 
 
 @dataclass
@@ -188,24 +176,9 @@ def check_run_args(args) -> None:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     if args.resume is None:
-        from plumbing.run_folder import check_output_dir
-
         check_output_dir(args.output_dir)
     if args.track:
-        from plumbing.tracking import check_tracking
-
         check_tracking()
-
-
-# ---------------------------------------------------------------------------------------
-# Running a script: exit statuses and stop signals
-# ---------------------------------------------------------------------------------------
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-stop_requested: list[int] = []  # the signals received; the run folder saves latest.pt and raises Preempted
-
-
-def request_stop(signum, frame):
-    stop_requested.append(signum)
 
 
 def run_main(main, Args, method: str, check, description: str = "") -> None:
@@ -231,28 +204,3 @@ def run_main(main, Args, method: str, check, description: str = "") -> None:
     except KeyboardInterrupt:
         print("interrupted: progress.csv and the checkpoints written so far are kept.", file=sys.stderr)
         sys.exit(130)
-
-
-def pick_device(name: str):
-    """--device auto: cuda when available."""
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
-def seed_everything(seed: int):
-    """Seed Python's, NumPy's and torch's global streams; returns the NumPy generator the script draws from."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
-def progress_bar(total, initial=0, **kwargs):
-    """tqdm with an ETA on a terminal; silent when stderr is a file (a Slurm log), where progress.csv rows
-    are echoed as lines instead."""
-    return tqdm(total=total, initial=initial, mininterval=2, disable=not sys.stderr.isatty(), **kwargs)

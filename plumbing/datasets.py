@@ -23,7 +23,8 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 
-from plumbing.cli import UsageError, progress_bar
+from plumbing.errors import UsageError
+from plumbing.runtime import progress_bar
 
 ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
 # D4RL's reference returns (random policy, expert policy): Minari's mujoco/*-v0 datasets carry none.

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing.cli import Preempted, RunFinished, TrainingDiverged, UsageError, stop_requested
+from plumbing.errors import Preempted, RunFinished, TrainingDiverged, UsageError, stop_requested
+from plumbing.tracking import Tracker
 
 # Every key of a progress.csv row, in order, for every method (docs/adding-a-method.md).
 PROGRESS_COLUMNS = [
@@ -130,8 +131,6 @@ class RunFolder:
         self.means = RunningMeans(latest.get("means") if latest else None)  # the loss columns' running means
         self.tracker = None
         if config.get("track"):
-            from plumbing.tracking import Tracker
-
             self.tracker = Tracker(path / "tensorboard", config)
 
     @classmethod

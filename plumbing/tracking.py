@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from plumbing.cli import UsageError
+from plumbing.errors import UsageError
 
 
 def check_tracking() -> None:

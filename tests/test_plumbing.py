@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import ROOT, hopper_episodes, make_minari_dataset
 
-from plumbing import cli, datasets, run_folder, tracking
+from plumbing import cli, datasets, errors, run_folder, tracking
 from plumbing.cli import RunArgs, UsageError
 from plumbing.datasets import choose_reference_scores, dataset_path, load_dataset, resolve_dataset_id, staged_dataset
 from plumbing.run_folder import CsvLog, RunFolder, RunningMeans, load_torch
@@ -434,7 +434,7 @@ def test_args_from_run_restores_every_argument(tmp_path):
         (toy_config(seed=True), "p\n", r"has seed=True"),
         (toy_config(learning_rate="3e-4"), "p\n", r"has learning_rate='3e-4'"),
         (toy_config(env="pendulum"), "p\n", r"has env='pendulum', not a typing.Literal\['hopper'"),
-        (toy_config(utd=2.5), "p\n", r"has utd=2.5, not a typing.Optional\[int\]"),
+        (toy_config(utd=2.5), "p\n", r"has utd=2.5, not a int \| None"),
         ({k: v for k, v in toy_config().items() if k != "method"}, "p\n", "is a run of an unknown method, not toy"),
         (toy_config(method="td3_bc"), "p\n", "is a run of td3_bc, not toy"),
         ({k: v for k, v in toy_config().items() if k != "learning_rate"}, "p\n", "lacks the argument 'learning_rate'"),
@@ -523,14 +523,14 @@ def test_run_main_exit_statuses(raised, status, stderr, tmp_path, monkeypatch, c
 
 
 def test_a_stop_signal_is_recorded_and_checked_at_the_next_safe_point(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "stop_requested", [])  # run_folder reads the same list
-    monkeypatch.setattr(run_folder, "stop_requested", cli.stop_requested)
-    old = signal.signal(signal.SIGUSR1, cli.request_stop)
+    monkeypatch.setattr(errors, "stop_requested", [])  # run_folder reads the same list
+    monkeypatch.setattr(run_folder, "stop_requested", errors.stop_requested)
+    old = signal.signal(signal.SIGUSR1, errors.request_stop)
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, old)
-    assert cli.stop_requested == [signal.SIGUSR1]
+    assert errors.stop_requested == [signal.SIGUSR1]
     run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10, "checkpoint_minutes": 30.0})
     assert run.checkpoint_due(1, safe=False)  # a stop request does not wait
     with pytest.raises(cli.Preempted) as stop:
