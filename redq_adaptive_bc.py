@@ -400,9 +400,17 @@ class Agent:
 
 
 # ---- Adaptive behavior cloning: the PD controller of Eq. 2 --------------------------------------------------
-def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, episode_length=1, moving_average=None):
-    """Eq. 2 at the end of a training episode (R: normalized returns). Returns (alpha_online, the next R_last,
-    P term, D term), the terms before the episode-length scaling.
+class AlphaUpdate(NamedTuple):
+    alpha_online: float  # the new alpha_online
+    R_last: float  # R_last for the next episode
+    p_term: float  # K_P (R - R_target), before the episode-length scaling
+    d_term: float  # K_D max(0, R_last - R_current), likewise
+
+
+def adapt_alpha(
+    alpha_online, R_current, R_last, *, kp, kd, target_return, alpha_max, episode_length=1, moving_average=None
+) -> AlphaUpdate:
+    """Eq. 2 at the end of a training episode (R: normalized returns, fractions).
 
     moving_average=None is the paper: the P term on R_current, then R_last <- R_current.
     moving_average=s is the authors' code (main.py:221-227): the P term on the old R_last, then
@@ -410,9 +418,9 @@ def adapt_alpha(alpha, R_current, R_last, *, kp, kd, target_return, alpha_max, e
     """
     p_term = kp * ((R_current if moving_average is None else R_last) - target_return)
     d_term = kd * max(0.0, R_last - R_current)
-    alpha = min(max(alpha + (p_term + d_term) * episode_length, 0.0), alpha_max)
+    alpha_online = min(max(alpha_online + (p_term + d_term) * episode_length, 0.0), alpha_max)
     R_next = R_current if moving_average is None else moving_average * R_current + (1 - moving_average) * R_last
-    return alpha, R_next, p_term, d_term
+    return AlphaUpdate(alpha_online, R_next, p_term, d_term)
 
 
 # ---- Evaluation ---------------------------------------------------------------------------------------------
