@@ -65,12 +65,12 @@ class Args(RunArgs):
     """target network update rate (Table 1: 5e-3)"""
     gamma: float = 0.99
     """discount factor"""
-    policy_noise: float = 0.2
-    """sigma_target, std of the target smoothing noise (TD3 and the authors' code: 0.2)"""
+    policy_noise: float | None = None
+    """sigma_target, std of the target smoothing noise (None: Table 1's TD3 'policy noise std 0.1'; authors: 0.2)"""
     noise_clip: float = 0.5
     """c, clip of the target smoothing noise (Table 1: 0.5)"""
     exploration_noise: float = 0.1
-    """sigma_expl, std of the online exploration noise (Table 1's 'policy noise std 0.1')"""
+    """sigma_expl, std of the online exploration noise (TD3's and the authors' 0.1; the paper states none)"""
     policy_freq: int = 2
     """one actor update every this many critic updates (Table 1: 2)"""
     hidden_layers: int = 2
@@ -91,8 +91,9 @@ class Args(RunArgs):
     """G, gradient steps per online environment step (None: Table 1's 20; --authors-code: 10)"""
     critic_loss_reduction: Literal["mean", "sum"] = "mean"
     """average the N critics' squared errors (authors' code) or sum them (equal under Adam up to eps)"""
-    delay_target_updates: bool | None = None
-    """update targets only on actor steps (None: every step as in Algorithm 1; --authors-code: True)"""
+    delay_target_updates: bool = True
+    """update targets only on actor steps (Table 1's TD3 'policy update frequency 2' and the authors' code);
+    --no-delay-target-updates: every step, Algorithm 1 read literally"""
     alpha_offline: float | None = None
     """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
     alpha_online: float | None = None
@@ -137,7 +138,7 @@ PAPER_VS_AUTHORS = dict(
     r_last=("previous", "moving-average"),
     keep_min=(0, 50_000),
     keep_with_replacement=(False, True),
-    delay_target_updates=(False, True),
+    policy_noise=(0.1, 0.2),
 )
 
 

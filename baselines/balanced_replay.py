@@ -81,12 +81,12 @@ class Args(RunArgs):
     """target network update rate (Table 1: 5e-3)"""
     gamma: float = 0.99
     """discount factor"""
-    policy_noise: float = 0.2
-    """sigma_target, std of the target smoothing noise (TD3: 0.2)"""
+    policy_noise: float = 0.1
+    """sigma_target, std of the target smoothing noise (Table 1's TD3 'policy noise std 0.1'; authors' code: 0.2)"""
     noise_clip: float = 0.5
     """c, clip of the target smoothing noise (Table 1: 0.5)"""
     exploration_noise: float = 0.1
-    """sigma_expl, std of the online exploration noise (Table 1: 0.1)"""
+    """sigma_expl, std of the online exploration noise (TD3's and the authors' 0.1)"""
     policy_freq: int = 2
     """one actor update every this many critic updates (Table 1: 2)"""
     hidden_layers: int = 2
@@ -95,6 +95,8 @@ class Args(RunArgs):
     """units per hidden layer of actor and critics (Table 1: 256)"""
     activation: Literal["relu", "tanh", "elu", "gelu"] = "relu"
     """hidden activation (Table 1: ReLU)"""
+    delay_target_updates: bool = True
+    """update targets only on actor steps (Table 1's TD3 'policy update frequency 2'); --no-...: every step"""
     utd: int = 1
     """G, gradient steps per online environment step (Lee et al.: 1; the paper does not say; the method: 20)"""
     update_schedule: Literal["every-step", "blocks"] = "every-step"
@@ -431,8 +433,9 @@ class Agent:
             self.actor_optim.step()
             self.critic.requires_grad_(True)
             metrics["actor_loss"] = loss_pi.detach()
-        soft_update(self.critic_target, self.critic, a.tau)
-        soft_update(self.actor_target, self.actor, a.tau)
+        if self.num_updates % a.policy_freq == 0 or not a.delay_target_updates:
+            soft_update(self.critic_target, self.critic, a.tau)
+            soft_update(self.actor_target, self.actor, a.tau)
         return metrics
 
     def update_ratio(self, offline: Batch, online: Batch, replayed: Batch):

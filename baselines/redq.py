@@ -91,12 +91,12 @@ class Args(RunArgs):
     """target network update rate (Table 1: 5e-3)"""
     gamma: float = 0.99
     """discount factor"""
-    policy_noise: float = 0.2
-    """sigma_target, std of the target smoothing noise (TD3 and the authors' code: 0.2)"""
+    policy_noise: float = 0.1
+    """sigma_target, std of the target smoothing noise (Table 1's TD3 'policy noise std 0.1'; authors' code: 0.2)"""
     noise_clip: float = 0.5
     """c, clip of the target smoothing noise (Table 1: 0.5)"""
     exploration_noise: float = 0.1
-    """sigma_expl, std of the exploration noise after the warm-up (Table 1's 'policy noise std 0.1')"""
+    """sigma_expl, std of the exploration noise after the warm-up (TD3's and the authors' 0.1)"""
     policy_freq: int = 2
     """with --actor-update-rate policy-freq: one actor update every this many critic updates (Table 1: 2)"""
     actor_update_rate: Literal["policy-freq", "per-env-step"] = "policy-freq"
@@ -113,8 +113,9 @@ class Args(RunArgs):
     """M, randomly drawn critics whose minimum forms the target (Table 1: 2)"""
     utd: int = 20
     """G, gradient steps per environment step after the warm-up (Table 1: 20; 1 is TD3)"""
-    delay_target_updates: bool = False
-    """update targets only on actor steps (authors' code) instead of every step (paper, REDQ)"""
+    delay_target_updates: bool = True
+    """update targets only on actor steps (Table 1's TD3 'policy update frequency 2', the authors' code);
+    --no-delay-target-updates: every step (REDQ's code)"""
     critic_loss_reduction: Literal["sum", "mean"] = "sum"
     """sum the N critics' squared errors (REDQ: each critic its own MSE) or average them (authors' code)"""
     buffer_size: int | None = None

@@ -93,12 +93,12 @@ class Args(RunArgs):
     """target network update rate (Table 1: 5e-3)"""
     gamma: float = 0.99
     """discount factor"""
-    policy_noise: float = 0.2
-    """sigma_target, std of the target smoothing noise (TD3 and the authors' code: 0.2)"""
+    policy_noise: float = 0.1
+    """sigma_target, std of the target smoothing noise (Table 1's TD3 'policy noise std 0.1'; authors' code: 0.2)"""
     noise_clip: float = 0.5
     """c, clip of the target smoothing noise (Table 1: 0.5)"""
     exploration_noise: float = 0.1
-    """sigma_expl, std of the online exploration noise (Table 1's 'policy noise std 0.1')"""
+    """sigma_expl, std of the online exploration noise (TD3's and the authors' 0.1; the paper states none)"""
     policy_freq: int = 2
     """one actor update every this many critic updates (Table 1: 2)"""
     hidden_layers: int = 2
@@ -109,8 +109,9 @@ class Args(RunArgs):
     """hidden activation (Table 1: ReLU)"""
     utd: int = 1
     """G, gradient steps per online env step (TD3: 1; the paper does not state G for TD3-ft; 20: the method's)"""
-    delay_target_updates: bool = False
-    """update targets only on actor steps (TD3+BC's code) instead of every step (paper, Algorithm 1)"""
+    delay_target_updates: bool = True
+    """update targets only on actor steps (Table 1's TD3 'policy update frequency 2', TD3+BC's and the authors'
+    code); --no-delay-target-updates: every step"""
     alpha_offline: float | None = None
     """alpha_offline, BC weight of pre-training (None: Table 1's 0.4; 100 on walker2d-random as in the paper)"""
     alpha_online: float = 0.0

@@ -357,9 +357,9 @@ def random_batch(generator=None):
     )
 
 
-def test_agent_updates_actor_every_policy_freq_steps_and_targets_every_step():
+def test_agent_updates_actor_every_policy_freq_steps_and_targets_every_step_when_not_delayed():
     torch.manual_seed(0)
-    agent, b = tiny_agent(policy_freq=2), random_batch()
+    agent, b = tiny_agent(policy_freq=2, delay_target_updates=False), random_batch()
     actor0 = [p.clone() for p in agent.actor.parameters()]
     critic_target0 = [p.clone() for p in agent.critic_target.parameters()]
     metrics = agent.update(b, torch.tensor(0.4), 2)
@@ -372,9 +372,10 @@ def test_agent_updates_actor_every_policy_freq_steps_and_targets_every_step():
     assert all(p.requires_grad for p in agent.critic.parameters())  # unfrozen after the actor step
 
 
-def test_delayed_target_updates_wait_for_the_actor_step():
+def test_delayed_target_updates_wait_for_the_actor_step_by_default():
     torch.manual_seed(0)
-    agent, b = tiny_agent(policy_freq=2, delay_target_updates=True), random_batch()
+    agent, b = tiny_agent(policy_freq=2), random_batch()  # Table 1's TD3 'policy update frequency 2'
+    assert agent.args.delay_target_updates, "targets wait for the actor step by default (paper and authors)"
     critic_target0 = [p.clone() for p in agent.critic_target.parameters()]
     agent.update(b, torch.tensor(0.4), 2)
     assert all(torch.equal(p, q) for p, q in zip(agent.critic_target.parameters(), critic_target0))
@@ -581,18 +582,24 @@ def resolved(*flags):
     return args
 
 
-RESOLVED = ("utd", "kd", "target_return", "r_last", "keep_min", "keep_with_replacement", "delay_target_updates")
+RESOLVED = ("utd", "kd", "target_return", "r_last", "keep_min", "keep_with_replacement", "policy_noise")
 
 
 def test_paper_defaults_and_authors_code_resolution():
     values = lambda args: tuple(getattr(args, k) for k in RESOLVED)  # noqa: E731
-    assert values(resolved()) == (20, 8e-5, 1.0, "previous", 0, False, False)  # the paper, Table 1
-    assert values(resolved("--authors-code")) == (10, 1e-4, 1.05, "moving-average", 50_000, True, True)
+    assert values(resolved()) == (20, 8e-5, 1.0, "previous", 0, False, 0.1)  # the paper, Table 1
+    assert values(resolved("--authors-code")) == (10, 1e-4, 1.05, "moving-average", 50_000, True, 0.2)
     # An explicit flag wins over either set of defaults.
-    assert values(resolved("--authors-code", "--utd", 20)) == (20, 1e-4, 1.05, "moving-average", 50_000, True, True)
-    assert values(
-        resolved("--authors-code", "--keep-with-replacement", "False", "--delay-target-updates", "False")
-    ) == (10, 1e-4, 1.05, "moving-average", 50_000, False, False)
+    assert values(resolved("--authors-code", "--utd", 20)) == (20, 1e-4, 1.05, "moving-average", 50_000, True, 0.2)
+    assert values(resolved("--authors-code", "--keep-with-replacement", "False", "--policy-noise", 0.1)) == (
+        10,
+        1e-4,
+        1.05,
+        "moving-average",
+        50_000,
+        False,
+        0.1,
+    )
     assert values(resolved("--kd", 1e-4, "--r-last", "moving-average")) == (
         20,
         1e-4,
@@ -600,7 +607,7 @@ def test_paper_defaults_and_authors_code_resolution():
         "moving-average",
         0,
         False,
-        False,
+        0.1,
     )
     # The remaining knobs keep one default: the authors' code agrees with the paper there.
     for args in (resolved(), resolved("--authors-code")):
@@ -613,7 +620,8 @@ def test_paper_defaults_and_authors_code_resolution():
             args.critic_init,
             args.num_critics,
             args.num_min_critics,
-        ) == (3e-5, 0.4, 0.05, "one-episode", 0.05, "authors", 10, 2)
+            args.delay_target_updates,
+        ) == (3e-5, 0.4, 0.05, "one-episode", 0.05, "authors", 10, 2, True)
     assert resolved("--target-return", 0).target_return == 0 and resolved("--target-return", 2).target_return == 2
 
 
@@ -682,7 +690,7 @@ def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
     assert config["alpha_offline"] == 0.4 and config["alpha_online"] == 0.4 and config["offline_kept"] == 100
     assert config["dataset_transitions"] == 400 and config["buffer_size"] == 100  # max(60 online steps, 100 kept)
     # The paper's values, resolved before config.json is written (utd and keep_min come from TINY).
-    assert [config[k] for k in RESOLVED] == [2, 8e-5, 1.0, "previous", 100, False, False]
+    assert [config[k] for k in RESOLVED] == [2, 8e-5, 1.0, "previous", 100, False, 0.1]
     assert config["pretrained_from"] is None
     with open(run_dir / "progress.csv") as f:
         assert f.readline().strip().split(",") == m.COLUMNS
@@ -978,7 +986,7 @@ def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(t
     assert (config["alpha_offline"], config["alpha_online"], config["alpha_online_max"]) == (100.0, 0.4, 0.4)
     # --authors-code's values, with the explicit --utd 1 and --target-return 0 kept; all 300 transitions kept
     # (--authors-code keeps at least 50,000).
-    assert [config[k] for k in RESOLVED] == [1, 1e-4, 0.0, "moving-average", 50_000, True, True]
+    assert [config[k] for k in RESOLVED] == [1, 1e-4, 0.0, "moving-average", 50_000, True, 0.2]
     assert config["offline_kept"] == 300
     progress = read_csv(run_dir / "progress.csv")
     assert {r["alpha"] for r in progress if r["phase"] == "offline"} == {"100"}
