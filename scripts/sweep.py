@@ -33,6 +33,9 @@ from collections import Counter, namedtuple
 from itertools import product
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shared package, for python scripts/sweep.py
+from plumbing.errors import UsageError
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
     "redq_adaptive_bc": "redq_adaptive_bc.py",
@@ -108,10 +111,6 @@ FIGURES = {
         plot="--methods redq_adaptive_bc --envs hopper --label-by num_critics num_min_critics --out plots/fig5",
     ),
 }
-
-
-class UsageError(Exception):
-    """Bad input to the sweep: one line on stderr, exit status 2, before anything runs or is written."""
 
 
 def flags(text, where):
