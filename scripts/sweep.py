@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, namedtuple
+from functools import partial
 from itertools import product
 from pathlib import Path
 
@@ -155,20 +156,8 @@ def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
 
     def add(seed, script, env, dataset, tokens, note, after=None):
         i, load = len(runs), [] if after is None else ["--load-offline", f"{runs_dir}/task_{after}"]
-        argv = [
-            "python",
-            script,
-            "--env",
-            env,
-            "--dataset",
-            dataset,
-            "--seed",
-            str(seed),
-            *tokens,
-            "--output-dir",
-            f"{runs_dir}/task_{i}",
-            *load,
-        ]
+        argv = ["python", script, "--env", env, "--dataset", dataset, "--seed", str(seed), *tokens]
+        argv += ["--output-dir", f"{runs_dir}/task_{i}", *load]
         label = [Path(script).stem, f"{env}-{dataset} seed {seed}", note, load and f"(fine-tunes task {after})"]
         runs.append(Run(i, argv, " ".join(filter(None, label)), after))
         return i
@@ -199,12 +188,10 @@ def plan(argv, root):
     task_dir = root / argv[argv.index("--output-dir") + 1]
     found = [f for f in sorted(task_dir.glob("*__*__*__*")) if (f / "config.json").is_file()]  # name order is age
     argv = [sys.executable, *argv[1:]]
+    if found and (found[-1] / "final.pt").exists():
+        return None, f"complete: {found[-1]}"
     if found:
-        return (
-            (None, f"complete: {found[-1]}")
-            if (found[-1] / "final.pt").exists()
-            else ([*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}")
-        )
+        return [*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}"
     if argv[-2] == "--load-offline":
         done = [f for f in sorted((root / argv[-1]).glob("*__*__*__*")) if (f / "final.pt").exists()]
         if not done:
@@ -274,10 +261,7 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
                 job, before, lock = jobs[i], results.get(jobs[i].after), str(Path(jobs[i].log).with_suffix(".lock"))
                 if (fd := claim(lock)) is None:
                     if i not in held:
-                        say(
-                            f"{job.name} is running in pid {Path(lock).read_text()} (left by an earlier start of this "
-                            "sweep): waiting for it"
-                        )
+                        say(f"{job.name} is running in pid {Path(lock).read_text()} (an earlier start's): waiting")
                     held.add(i)
                     continue
                 pending.remove(i)
@@ -393,16 +377,9 @@ def slurm_files(args, name, sweep, root, runs):
         "--signal=B:USR1@120",
         f"--cpus-per-task={args.cpus or 2}",
     ]
-    options += [
-        f"--{key}={value}"
-        for key, value in [
-            ("time", args.time),
-            ("partition", args.partition),
-            ("gres", args.gpus and f"gpu:{args.gpus}"),
-            ("mem", args.mem),
-        ]
-        if value
-    ] + (args.sbatch_option or [])
+    gres = args.gpus and f"gpu:{args.gpus}"
+    per_run = {"time": args.time, "partition": args.partition, "gres": gres, "mem": args.mem}
+    options += [f"--{key}={value}" for key, value in per_run.items() if value] + (args.sbatch_option or [])
     task = (
         f"{q(str(Path(__file__).resolve()))} --root {q(str(root))} --sweep-dir {q(str(sweep))} --task "
         '"$SLURM_ARRAY_TASK_ID" ${SWEEP_SLOT:+--slot "$SWEEP_SLOT"}'
@@ -475,40 +452,37 @@ def parse_args(argv=None):
     add("--status-every", type=float, default=5.0, metavar="SEC", help="seconds between status lines (default: 5)")
     add("--dry-run", action="store_true", help="print the commands; write and run nothing")
     add("--slurm", metavar="FILE", help="write the job array FILE and <stem>.submit.sh instead of running")
-    for flag, kind, text in [
-        ("partition", str, ""),
-        ("time", str, "e.g. 12:00:00"),
-        ("cpus", int, "default: 2"),
-        ("gpus", int, "--gres=gpu:N"),
-        ("mem", str, "e.g. 16G"),
-        ("task", int, None),
-        ("slot", int, None),
-    ]:  # --task, --slot: the Slurm task's call back into this file
-        add(f"--{flag}", type=kind, help=argparse.SUPPRESS if text is None else f"per run; {text}".rstrip("; "))
+    add("--partition", help="per run")
+    add("--time", help="per run; e.g. 12:00:00")
+    add("--cpus", type=int, help="per run; default: 2")
+    add("--gpus", type=int, help="per run; --gres=gpu:N")
+    add("--mem", help="per run; e.g. 16G")
+    add("--task", type=int, help=argparse.SUPPRESS)  # --task, --slot: the Slurm task's call back into this file
+    add("--slot", type=int, help=argparse.SUPPRESS)
     add("--sbatch-option", action="append", metavar="OPT", help="another #SBATCH line, e.g. --sbatch-option=--qos=x")
     add("--setup", metavar="CMD", help='shell line run first in each task, e.g. "module load cuda"')
     add("--python", metavar="PATH", help="the tasks' interpreter (default: the one running this)")
     add("--root", default=str(ROOT), help=argparse.SUPPRESS)  # tests: a tree of stand-in scripts
-    args = p.parse_args(flag_values_as_values(sys.argv[1:] if argv is None else argv))
-    args.variant = args.variant and [v.strip() for v in args.variant]
-    args.extra = [v.strip() for v in args.extra]
-    args.extra_for = [(method, text.strip()) for method, text in args.extra_for]
-    return args
+    return p.parse_args(flag_values_as_values(sys.argv[1:] if argv is None else argv))
 
 
-# Options whose value is itself a flag string (how many values each takes; the last is the flag string).
+# Options whose value is itself a flag string, and how many values each takes (the last is the flag string).
 FLAG_VALUED = {"--variant": 1, "--extra": 1, "--extra-for": 2}
 
 
 def flag_values_as_values(argv):
-    """argparse reads a value that looks like a flag (--variant --no-adaptive-bc) as the next option, but a value
-    holding a space as a value: the flag strings get a trailing space (which shlex.split drops again)."""
+    """argparse reads a value that looks like a flag (--variant --no-adaptive-bc) as the next option: glue it to its
+    option (--variant=--no-adaptive-bc), or, after --extra-for METHOD, add a space (a value holding a space is a
+    value to argparse; shlex.split drops it again)."""
     argv, out = list(argv), []
     while argv:
         token = argv.pop(0)
         n = FLAG_VALUED.get(token, 0)
         values, argv = argv[:n], argv[n:]
-        out += [token, *values[:-1], *[v + " " for v in values[-1:]]]
+        if n == 1 and values:
+            out.append(f"{token}={values[0]}")
+        else:
+            out += [token, *values[:-1], *[v + " " for v in values[-1:]]]
     return out
 
 
@@ -580,16 +554,8 @@ def main(argv=None):
         )
         return 0
     environ = child_environ(args.workers or 1)
-    jobs = [
-        Job(
-            f"task {r.index}",
-            lambda r=r: plan(r.argv, root),
-            str(sweep / "logs" / f"task_{r.index}.log"),
-            r.label,
-            r.after,
-        )
-        for r in runs
-    ]
+    logs = [str(sweep / "logs" / f"task_{r.index}.log") for r in runs]
+    jobs = [Job(f"task {r.index}", partial(plan, r.argv, root), log, r.label, r.after) for r, log in zip(runs, logs)]
     print(f"{head}; {args.workers or 1} at a time, OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid> stops the sweep as Ctrl-C does
     results = run_local(jobs, args.workers or 1, str(root), environ, args.status_every)

@@ -491,7 +491,7 @@ def test_a_sweep_killed_and_started_again_runs_no_task_twice(stub, tmp_path):
     assert not list((sd / "runs" / "task_0").glob("*__*")), "killed while its run was starting (no run folder)"
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
-    assert f"task 0 is running in pid {run_pid}" in again.stderr, "the rerun says why it waits"
+    assert f"task 0 is running in pid {run_pid} (an earlier start's): waiting" in again.stderr, "says why it waits"
     assert again.stdout.splitlines()[-2] == "1 runs: 1 complete", "and finds the run complete once it ends"
     assert len(calls(sd / "runs" / "task_0")) == 1, "the task ran once"
 
