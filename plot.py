@@ -785,6 +785,39 @@ def episodes_for(groups):
     return panels
 
 
+def write_figures(groups, metric, args, out):
+    """score, alpha (when a run logs it), episodes (--episodes) and curves.csv into out; returns their paths."""
+    envs = ordered([k[0] for k in groups], ENV_ORDER)
+    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
+    labels = sorted({k[2] for k in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}  # same color for a curve in every panel
+    ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
+    score_panels = curves_for(groups, "value", args.smooth)
+    alpha_panels = curves_for(groups, "alpha", args.smooth)
+    written = [os.path.join(out, f"score.{args.format}")]
+    title = f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds"
+    plot_grid(score_panels, envs, datasets, colors, ylabel, title, written[0])
+    if alpha_panels:
+        written.append(os.path.join(out, f"alpha.{args.format}"))
+        title = "Online fine-tuning: alpha per training episode (else at evaluations), mean ± 1 std over seeds"
+        plot_grid(alpha_panels, envs, datasets, colors, "alpha (BC weight)", title, written[-1])
+    else:
+        print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
+    episodes = episodes_for(groups) if args.episodes else None
+    if episodes:
+        written.append(os.path.join(out, f"episodes.{args.format}"))
+        plot_episodes(episodes, envs, datasets, colors, written[-1])
+    elif args.episodes:
+        print(
+            "note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not written",
+            file=sys.stderr,
+        )
+    quantity = "score" if metric == "normalized_score" else "return"
+    written.append(os.path.join(out, "curves.csv"))
+    write_curves_csv(written[-1], [(quantity, score_panels), ("alpha", alpha_panels)])
+    return written
+
+
 def fail(message):
     print(message, file=sys.stderr)
     return 2
@@ -809,59 +842,17 @@ def main(argv=None):
         return fail(str(e))
     groups = group_runs(runs)
 
-    envs = ordered([k[0] for k in groups], ENV_ORDER)
-    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
-    labels = sorted({k[2] for k in groups})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}  # same color for a curve in every panel
-    ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
     out = args.out or os.path.join(args.folders[0], "plots")
     table = results_table(groups, metric)
     try:
         os.makedirs(out, exist_ok=True)
-        score_panels = curves_for(groups, "value", args.smooth)
-        alpha_panels = curves_for(groups, "alpha", args.smooth)
-        written = [os.path.join(out, f"score.{args.format}")]
-        plot_grid(
-            score_panels,
-            envs,
-            datasets,
-            colors,
-            ylabel,
-            f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds",
-            written[0],
-        )
-        if alpha_panels:
-            written.append(os.path.join(out, f"alpha.{args.format}"))
-            plot_grid(
-                alpha_panels,
-                envs,
-                datasets,
-                colors,
-                "alpha (BC weight)",
-                "Online fine-tuning: alpha per training episode (else at evaluations), mean ± 1 std over seeds",
-                written[-1],
-            )
-        else:
-            print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
-        if args.episodes:
-            path = os.path.join(out, f"episodes.{args.format}")
-            episodes = episodes_for(groups)
-            if episodes:
-                plot_episodes(episodes, envs, datasets, colors, path)
-                written.append(path)
-            else:
-                print(
-                    "note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not written",
-                    file=sys.stderr,
-                )
-        quantity = "score" if metric == "normalized_score" else "return"
-        write_curves_csv(os.path.join(out, "curves.csv"), [(quantity, score_panels), ("alpha", alpha_panels)])
+        written = write_figures(groups, metric, args, out)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(table)
     except OSError as e:
         return fail(f"error: cannot write to {out}: {e.strerror or e}")
     print(table)
-    for path in written + [os.path.join(out, "curves.csv"), os.path.join(out, "results.md")]:
+    for path in written + [os.path.join(out, "results.md")]:
         print(f"wrote {path}")
     return 0
 
