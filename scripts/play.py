@@ -5,6 +5,7 @@ Usage:
     python scripts/play.py runs/hopper-medium__redq_adaptive_bc__0__1700000000
     python scripts/play.py RUN_DIR --episodes 3 --seed 7
     python scripts/play.py RUN_DIR --episodes 1 --video hopper.mp4     # needs: pip install imageio-ffmpeg
+    python scripts/play.py sweeps/fig3-20250101-120000/runs/task_1     # a folder holding one run: that run
 
 It reads RUN_DIR/actor.pt (final.pt if there is no actor.pt), both loaded with weights_only=True:
 {"actor": state dict, "meta": {"method", "config", "actor": {"class", "kwargs"}}}. The policy class is
@@ -26,7 +27,9 @@ MUJOCO_GL unset, this script sets MUJOCO_GL=egl, which needs the EGL and Mesa li
 libosmesa6) is the slower fallback; with a display, MuJoCo's default (glfw) is used.
 
 Bad input (no such folder, no actor.pt or final.pt, a damaged file, an unknown method or env) is
-one line on stderr and exit status 2.
+one line on stderr and exit status 2. SIGTERM or Ctrl-C stops the rollout at once (exit status 130); the
+video is written under a temporary name and renamed when the last episode ends, so a stopped rollout
+leaves none.
 """
 
 from __future__ import annotations
@@ -237,7 +240,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     parser = Parser(prog="scripts/play.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run folder (with actor.pt or final.pt)")
+    parser.add_argument(
+        "run_dir", type=Path, help="a finished run folder (with actor.pt or final.pt), or a folder holding one"
+    )
     parser.add_argument("--episodes", type=positive_int, default=10, metavar="N", help="episodes to play (default 10)")
     parser.add_argument("--seed", type=int, help="reset seed of the first episode (default: the run's seed + 100)")
     parser.add_argument(
