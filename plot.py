@@ -7,6 +7,11 @@ Usage:
     python plot.py runs/ --smooth 5             # moving average over 5 evaluations per run
     python plot.py runs/ --raw-returns          # return_mean instead of the normalized score
     python plot.py runs/ --episodes             # also alpha and R per training episode (episodes.csv)
+    python plot.py sweeps/fig3-20250101-120000/runs/  # a sweep's runs (scripts/sweep.py keeps them out of runs/)
+
+Units: every figure shows normalized returns x100 (D4RL's scale: 0 = random, 100 = expert), with R_target
+drawn at 100. progress.csv already holds x100 scores (normalized_score); episodes.csv keeps Eq. 2's own
+fractions (R_current, R_last, like --target-return 1.0), which the episodes figure multiplies by 100.
 
 It reads only what each run writes (the contract: docs/adding-a-method.md):
     <env>-<dataset>__<method>__<seed>__<unixtime>[-k]/config.json    method, env, dataset, seed, settings
@@ -19,12 +24,14 @@ It writes into --out (default: <first input folder>/plots):
     score.<fmt>     the paper's Figure 2: one panel per env-dataset (rows env, columns
                     dataset), normalized score (x100) against online environment steps,
                     one line per curve (see below): mean and a band of one std over seeds
-    alpha.<fmt>     the same grid for alpha (the BC weight the adaptive controller moves);
-                    methods that log no alpha are left out
+    alpha.<fmt>     the same grid for alpha (the BC weight the adaptive controller moves): per
+                    online training episode where episodes.csv logs it (the main script), else
+                    at the run's evaluations; methods that log no alpha are left out
     episodes.<fmt>  with --episodes: per env-dataset, alpha (top) and R_current / R_last
-                    (bottom, normalized returns as fractions, the target as a dotted line)
-                    of every training episode of every run, one line per run; runs whose
-                    episodes.csv has no alpha, R_current and R_last columns are left out
+                    (bottom, x100 on a symlog axis, linear within ±1, so that R near 0 and the
+                    target at 100, dotted, both show) of every training episode of every run,
+                    one line per run; runs whose episodes.csv has no alpha, R_current and
+                    R_last columns are left out
     curves.csv      every plotted point: quantity, env, dataset, method, step, mean, std, n_runs
     results.md      the results table (also printed to stdout)
 
@@ -62,7 +69,9 @@ seed). The table uses the raw evaluations: --smooth changes only the curves.
 
 A run folder that cannot be used (no progress.csv, an empty one, unparsable values, no
 online rows yet) is skipped with one line on stderr; a partial last line (a run still
-being written) is dropped and the rest of the run is used.
+being written) is dropped and the rest of the run is used. Pre-train-only runs (config.json
+online_steps 0: a sweep's first stage, whose fine-tunes are drawn) are left out, named in one
+stderr line. No usable run: exit 2.
 """
 
 import argparse
@@ -73,8 +82,11 @@ import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
+
+from plumbing.errors import UsageError
 
 # Panel order for the grid; names not listed here follow in alphabetical order.
 ENV_ORDER = ["hopper", "halfcheetah", "walker2d", "ant"]
@@ -114,12 +126,18 @@ BOOKKEEPING = {
 BOOKKEEPING_SUFFIXES = ("_dir", "_path", "_time")
 
 
+class Curve(NamedTuple):
+    """One line of a panel: a curve's mean and population std over seeds on the steps all its runs cover."""
+
+    label: str
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    n_runs: np.ndarray  # runs averaged at each step (all of them: nothing is extrapolated)
+
+
 class SkipRun(Exception):
     """A run folder that cannot be used; the message says why (one line on stderr)."""
-
-
-class UsageError(Exception):
-    """Input plot.py refuses (e.g. one seed twice in a curve): one line on stderr, exit 2."""
 
 
 @dataclass
@@ -213,29 +231,29 @@ def read_meta(folder, config=None):
     return meta
 
 
-def read_csv(path, name="progress.csv"):
-    """The header and the complete rows of a CSV log (a partial last line is dropped)."""
-    if not os.path.exists(path):
-        raise SkipRun(f"no {name}")
+def read_rows(path, columns, name="progress.csv"):
+    """(line number, row dict) of each complete row of a CSV log (a partial last line, of a run still being
+    written, is dropped), which must have the given columns."""
     try:
         with open(path, newline="") as f:
             text = f.read()
+    except FileNotFoundError:
+        raise SkipRun(f"no {name}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SkipRun(f"{name} unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not text.strip():
         raise SkipRun(f"{name} is empty")
-    if not text.endswith("\n"):  # still being written: the last line may be cut anywhere
-        text = text[: text.rfind("\n") + 1]
-    lines = list(csv.reader(io.StringIO(text)))
-    if not lines:
-        raise SkipRun(f"{name} has no complete header line yet")
-    header, rows = lines[0], [(n, r) for n, r in enumerate(lines[1:], start=2) if r]
+    reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if reader.fieldnames and missing:
+        raise SkipRun(f"{name} has no {', '.join(missing)} column")
+    rows = [(reader.line_num, row) for row in reader]
     if not rows:
-        raise SkipRun(f"{name} has a header but no rows yet")
+        raise SkipRun(f"{name} has {'a header but ' if reader.fieldnames else ''}no rows yet")
     for line, row in rows:
-        if len(row) < len(header):
-            raise SkipRun(f"{name} line {line}: {len(row)} fields, header has {len(header)}")
-    return header, rows
+        if None in row.values():
+            raise SkipRun(f"{name} line {line}: fewer fields than its header")
+    return rows
 
 
 def to_float(text, column, line, name="progress.csv"):
@@ -249,24 +267,18 @@ def to_float(text, column, line, name="progress.csv"):
 
 
 def load_run(folder, metric="normalized_score", meta=None, config=None):
-    """One run folder -> Run, or SkipRun saying why it cannot be used."""
+    """One run folder -> Run, or SkipRun saying why it cannot be used. alpha: per training episode from
+    episodes.csv where the run logs it there, else the online evaluations' (progress.csv)."""
     config = read_config(folder) if config is None else config
     meta = meta or read_meta(folder, config)
-    header, rows = read_csv(os.path.join(folder, "progress.csv"))
-    for column in ("phase", "step", metric):
-        if column not in header:
-            raise SkipRun(f"progress.csv has no {column} column")
-    col = {name: i for i, name in enumerate(header)}
-    phase, step, value, alpha = [], [], [], []
-    for line, row in rows:
-        if row[col["phase"]] not in ("offline", "online"):
-            raise SkipRun(f"progress.csv line {line}: phase {row[col['phase']]!r} is not offline or online")
-        phase.append(row[col["phase"]])
-        step.append(to_float(row[col["step"]], "step", line))
-        value.append(to_float(row[col[metric]], metric, line))
-        alpha.append(to_float(row[col["alpha"]], "alpha", line) if "alpha" in col else np.nan)
-    phase, step, value, alpha = np.array(phase), np.array(step), np.array(value), np.array(alpha)
-
+    rows = read_rows(os.path.join(folder, "progress.csv"), ("phase", "step", metric))
+    bad = [(line, row["phase"]) for line, row in rows if row["phase"] not in ("offline", "online")]
+    if bad:
+        raise SkipRun(f"progress.csv line {bad[0][0]}: phase {bad[0][1]!r} is not offline or online")
+    phase = np.array([row["phase"] for _, row in rows])
+    step, value, alpha = (
+        np.array([to_float(row.get(c) or "", c, line) for line, row in rows]) for c in ("step", metric, "alpha")
+    )
     online = phase == "online"
     if not online.any():
         raise SkipRun("no online rows yet (still pre-training?)")
@@ -275,35 +287,38 @@ def load_run(folder, metric="normalized_score", meta=None, config=None):
     has_value, has_alpha = ~np.isnan(on_value), ~np.isnan(on_alpha)
     if not has_value.any():
         raise SkipRun(f"no {metric} values in the online rows")
-    offline_values = value[(phase == "offline") & ~np.isnan(value)]
+    alpha_steps, alpha_values = on_step[has_alpha], on_alpha[has_alpha]
+    try:
+        episodes = load_episodes(folder, ("alpha",))
+        logged = ~np.isnan(episodes["alpha"])
+        if logged.any():
+            alpha_steps, alpha_values = episodes["step"][logged], episodes["alpha"][logged]
+    except SkipRun:
+        pass  # no per-episode alpha: the evaluations' alone
     return Run(
         folder,
         meta["method"],
         meta["env"],
         meta["dataset"],
         meta["seed"],
-        offline_values,
+        value[(phase == "offline") & ~np.isnan(value)],
         on_step[has_value],
         on_value[has_value],
-        on_step[has_alpha],
-        on_alpha[has_alpha],
+        alpha_steps,
+        alpha_values,
         config,
         meta["method"],
     )
 
 
-EPISODE_COLUMNS = ("step", "alpha", "R_current", "R_last")  # what --episodes draws
+EPISODE_COLUMNS = ("alpha", "R_current", "R_last")  # what --episodes draws, against step
 
 
-def load_episodes(run):
-    """{column: array} of a run's episodes.csv (the EPISODE_COLUMNS, rows in step order), or SkipRun."""
-    header, rows = read_csv(os.path.join(run.folder, "episodes.csv"), "episodes.csv")
-    missing = [c for c in EPISODE_COLUMNS if c not in header]
-    if missing:
-        raise SkipRun(f"episodes.csv has no {', '.join(missing)} column")
-    col = {name: i for i, name in enumerate(header)}
+def load_episodes(folder, columns=EPISODE_COLUMNS):
+    """{column: array} of a run's episodes.csv (step and the given columns, rows in step order), or SkipRun."""
+    rows = read_rows(os.path.join(folder, "episodes.csv"), ("step", *columns), "episodes.csv")
     values = {
-        c: np.array([to_float(row[col[c]], c, line, "episodes.csv") for line, row in rows]) for c in EPISODE_COLUMNS
+        c: np.array([to_float(row[c], c, line, "episodes.csv") for line, row in rows]) for c in ("step", *columns)
     }
     order = np.argsort(values["step"], kind="stable")
     return {c: v[order] for c, v in values.items()}
@@ -313,7 +328,7 @@ def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets
     """All usable runs under the given folders that pass the filters, labelled by curve (label_runs);
     each unusable one is reported with one line on stderr. Scratch runs pass any --datasets filter:
     they belong to every dataset panel of their env."""
-    runs = []
+    runs, pretraining_only = [], []
     for folder in find_run_folders(tops):
         try:
             config = read_config(folder)
@@ -325,10 +340,17 @@ def load_runs(tops, metric="normalized_score", methods=None, envs=None, datasets
             ):
                 continue  # filtered out, not broken: say nothing
             if config.get("online_steps") == 0:
-                continue  # a pre-training run (--online-steps 0) of a pre-train-once sweep: its fine-tunes are drawn
+                pretraining_only.append(folder)  # a pre-train-once sweep's first stage: its fine-tunes are drawn
+                continue
             runs.append(load_run(folder, metric, meta, config))
         except SkipRun as e:
             print(f"skipping {folder}: {str(e).splitlines()[0]}", file=sys.stderr)
+    if pretraining_only:
+        print(
+            f"note: {len(pretraining_only)} pre-train-only run(s) (online_steps 0) not plotted: "
+            + ", ".join(pretraining_only),
+            file=sys.stderr,
+        )
     note = label_runs(runs, label_by)
     if note:
         print(note, file=sys.stderr)
@@ -503,20 +525,7 @@ def results_table(groups, metric="normalized_score"):
         cells = [format_cell(mean_std([s[key] for s in summaries]), len(runs)) for key, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join([env, dataset, method, str(len(runs))] + cells) + " |")
     quantity = "normalized score (x100)" if metric == "normalized_score" else metric
-    lines += [
-        "",
-        f"Values: {quantity}, mean ± std over seeds; std is the population standard deviation "
-        "(ddof=0); (n=k) marks a cell that only k of the seeds have. "
-        "pre-trained: last offline evaluation (online step-0 evaluation if the run has no offline rows). "
-        "final: last online evaluation. online mean: mean of all online evaluations. "
-        f"dip: lowest evaluation at online steps <= {DIP_FRACTION:.0%} of the run's last online step. "
-        "Raw evaluations, no smoothing."
-        + (
-            " A (scratch) row repeats the same runs (no offline data) in every dataset of its env."
-            if any(r.scratch for runs in groups.values() for r in runs)
-            else ""
-        ),
-    ]
+    lines += ["", f"{quantity}, mean ± std over seeds; the columns: python plot.py --help"]
     return "\n".join(lines) + "\n"
 
 
@@ -524,7 +533,7 @@ def results_table(groups, metric="normalized_score"):
 
 
 def curves_for(groups, quantity, k):
-    """{(env, dataset): [(label, grid, mean, std, n_runs)]} for quantity 'value' or 'alpha'."""
+    """{(env, dataset): [Curve]} for quantity 'value' or 'alpha'."""
     panels = {}
     for (env, dataset, method), runs in groups.items():
         if quantity == "alpha":
@@ -537,7 +546,7 @@ def curves_for(groups, quantity, k):
         if len(grid) == 0:
             print(f"note: {env}-{dataset} {method}: its runs share no online step range, not plotted", file=sys.stderr)
             continue
-        panels.setdefault((env, dataset), []).append((method, grid, mean, std, n_runs))
+        panels.setdefault((env, dataset), []).append(Curve(method, grid, mean, std, n_runs))
     return panels
 
 
@@ -561,8 +570,18 @@ def new_figure(nrows, ncols, title, row_height=3.4):
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(width, row_height * nrows + 0.8), squeeze=False, layout="constrained"
     )
-    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 10))))
+    fig.suptitle(balanced_lines(title, int(width * 10)))
     return plt, fig, axes
+
+
+def balanced_lines(text, width):
+    """text wrapped at most width characters a line, in as few lines of as even a length as that allows: the last
+    line never holds a lone word that a little more width would have kept on the line above."""
+    lines = textwrap.wrap(text, width)
+    for even in range(-(-len(text) // len(lines)), width):
+        if len(textwrap.wrap(text, even)) == len(lines):
+            return "\n".join(textwrap.wrap(text, even))
+    return "\n".join(lines)
 
 
 def legend_below(fig, handles, labels):
@@ -577,7 +596,7 @@ def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
     """One panel per env-dataset (rows env, columns dataset), mean line and ±1 std band per curve.
     Few short labels: a legend in each panel with its n; otherwise one legend under the figure,
     with the range of n over the panels. Returns the (closed) figure, for tests."""
-    labels = sorted({line[0] for lines in panels.values() for line in lines})
+    labels = sorted({curve.label for curves in panels.values() for curve in curves})
     inside = len(labels) <= LEGEND_INSIDE[0] and max(map(len, labels), default=0) <= LEGEND_INSIDE[1]
     plt, fig, axes = new_figure(len(envs), len(datasets), title)
     handles, counts = {}, {}
@@ -589,16 +608,16 @@ def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
                 ax.set_axis_off()
                 ax.text(0.5, 0.5, f"{env}-{dataset}\nno runs", ha="center", va="center", transform=ax.transAxes)
                 continue
-            for label, steps, mean, std, n_runs in lines:
-                (handles[label],) = ax.plot(
-                    steps,
-                    mean,
-                    color=colors[label],
-                    marker="o" if len(steps) == 1 else None,
-                    label=f"{label} (n={n_runs.min()})",
+            for c in lines:
+                (handles[c.label],) = ax.plot(
+                    c.steps,
+                    c.mean,
+                    color=colors[c.label],
+                    marker="o" if len(c.steps) == 1 else None,
+                    label=f"{c.label} (n={c.n_runs.min()})",
                 )
-                ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.2, linewidth=0)
-                counts.setdefault(label, set()).add(int(n_runs.min()))
+                ax.fill_between(c.steps, c.mean - c.std, c.mean + c.std, color=colors[c.label], alpha=0.2, linewidth=0)
+                counts.setdefault(c.label, set()).add(int(c.n_runs.min()))
             ax.set_title(f"{env}-{dataset}")
             ax.set_xlabel("online environment steps")
             ax.set_ylabel(ylabel)
@@ -615,10 +634,11 @@ def plot_grid(panels, envs, datasets, colors, ylabel, title, path):
 
 def plot_episodes(episodes, envs, datasets, colors, path):
     """Per env-dataset two panels, alpha above R: one thin line per run (every training episode),
-    R_current solid with dots, R_last dashed, the target return dotted. Returns the (closed) figure."""
+    R_current solid with dots, R_last dashed, the target return dotted. R is x100, as in every figure, on a
+    symlog axis: R near 0 and the target at 100 both show. Returns the (closed) figure."""
     from matplotlib.lines import Line2D
 
-    title = "Training episodes online: alpha after Eq. 2 (top), R_current and R_last (bottom), one line per run"
+    title = "Training episodes online: alpha after Eq. 2 (top), R_current and R_last x100 (bottom), one line per run"
     plt, fig, axes = new_figure(2 * len(envs), len(datasets), title, row_height=2.6)
     for row, env in enumerate(envs):
         for column, dataset in enumerate(datasets):
@@ -638,14 +658,16 @@ def plot_episodes(episodes, envs, datasets, colors, path):
             for run, ep in runs:
                 color = colors[run.label]
                 top.plot(ep["step"], ep["alpha"], color=color, linewidth=1)
-                bottom.plot(ep["step"], ep["R_current"], color=color, linewidth=0.8, marker=".", markersize=3)
-                bottom.plot(ep["step"], ep["R_last"], color=color, linewidth=1, linestyle="--")
+                # Eq. 2's fractions x100: the unit of every figure (100 = expert)
+                bottom.plot(ep["step"], 100 * ep["R_current"], color=color, linewidth=0.8, marker=".", markersize=3)
+                bottom.plot(ep["step"], 100 * ep["R_last"], color=color, linewidth=1, linestyle="--")
             targets = {r.config.get("target_return") for r, _ in runs} - {None}
             for target in targets:
-                bottom.axhline(float(target), color="grey", linestyle=":", linewidth=1)
+                bottom.axhline(100 * float(target), color="grey", linestyle=":", linewidth=1)
+            bottom.set_yscale("symlog", linthresh=1)  # linear within ±1 (x100), logarithmic beyond
             top.set_title(f"{env}-{dataset}")
             top.set_ylabel("alpha")
-            bottom.set_ylabel("R (1 = expert)")
+            bottom.set_ylabel("R x100 (symlog)")
             bottom.set_xlabel("online environment steps")
             top.sharex(bottom)
             top.tick_params(labelbottom=False)
@@ -656,7 +678,7 @@ def plot_episodes(episodes, envs, datasets, colors, path):
         Line2D([], [], color="black", linestyle="--"),
         Line2D([], [], color="grey", linestyle=":"),
     ]
-    legend_below(fig, handles, labels + ["R_current (this episode)", "R_last", "target return"])
+    legend_below(fig, handles, labels + ["R_current (this episode)", "R_last", "R_target (x100)"])
     fig.savefig(path)
     plt.close(fig)
     return fig
@@ -667,10 +689,10 @@ def write_curves_csv(path, named_panels):
         writer = csv.writer(f)
         writer.writerow(["quantity", "env", "dataset", "method", "step", "mean", "std", "n_runs"])
         for quantity, panels in named_panels:
-            for (env, dataset), lines in panels.items():
-                for method, steps, mean, std, n_runs in lines:
-                    for step, m, s, n in zip(steps, mean, std, n_runs):
-                        writer.writerow([quantity, env, dataset, method, f"{step:g}", f"{m:.6g}", f"{s:.6g}", int(n)])
+            for (env, dataset), curves in panels.items():
+                for c in curves:
+                    for step, m, s, n in zip(c.steps, c.mean, c.std, c.n_runs):
+                        writer.writerow([quantity, env, dataset, c.label, f"{step:g}", f"{m:.6g}", f"{s:.6g}", int(n)])
 
 
 # ---------------------------------------------------------------- command line
@@ -692,23 +714,7 @@ def positive_int(text):
 
 
 def parse_args(argv=None):
-    parser = Parser(
-        prog="plot.py",
-        description="Learning curves (Figure 2 style), alpha curves and a results table from run folders.",
-        epilog=(
-            "Writes score.<fmt>, alpha.<fmt>, curves.csv and results.md (and episodes.<fmt> with --episodes) "
-            "into --out and prints the table. One curve per env, dataset, method and configuration: runs whose "
-            "config.json differ in more than the seed are never averaged, they are split and labelled by the "
-            "differing keys (one line on stderr says so); one seed twice in a curve: exit 2. "
-            "REDQ from scratch (dataset scratch) is drawn in every dataset panel of its env. "
-            "Curves: mean ± 1 std over seeds, only on the step range every seed of a curve covers "
-            "(up to its shortest run's last step; n_runs per point in curves.csv). "
-            "Table: pre-trained (last offline eval), final (last online eval), online mean, dip (lowest eval "
-            "in the first 10% of online steps), each mean ± std over seeds, std = population std (ddof=0). "
-            "Unusable run folders are skipped with one line on stderr; no usable run: exit 2. "
-            "The files read are described in docs/adding-a-method.md."
-        ),
-    )
+    parser = Parser(prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="folders searched (recursively) for run folders, e.g. runs/")
     parser.add_argument(
         "--methods",
@@ -743,7 +749,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--episodes",
         action="store_true",
-        help="also write episodes.<fmt>: alpha and R_current/R_last of every online training "
+        help="also write episodes.<fmt>: alpha and R_current/R_last (x100) of every online training "
         "episode (episodes.csv), one panel pair per env-dataset",
     )
     args = parser.parse_args(argv)
@@ -764,7 +770,7 @@ def episodes_for(groups):
         for run in runs:
             if run.folder not in loaded:
                 try:
-                    loaded[run.folder] = load_episodes(run)
+                    loaded[run.folder] = load_episodes(run.folder)
                 except SkipRun:
                     loaded[run.folder] = None
             if loaded[run.folder] is not None and len(loaded[run.folder]["step"]):
@@ -777,6 +783,39 @@ def episodes_for(groups):
             file=sys.stderr,
         )
     return panels
+
+
+def write_figures(groups, metric, args, out):
+    """score, alpha (when a run logs it), episodes (--episodes) and curves.csv into out; returns their paths."""
+    envs = ordered([k[0] for k in groups], ENV_ORDER)
+    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
+    labels = sorted({k[2] for k in groups})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}  # same color for a curve in every panel
+    ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
+    score_panels = curves_for(groups, "value", args.smooth)
+    alpha_panels = curves_for(groups, "alpha", args.smooth)
+    written = [os.path.join(out, f"score.{args.format}")]
+    title = f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds"
+    plot_grid(score_panels, envs, datasets, colors, ylabel, title, written[0])
+    if alpha_panels:
+        written.append(os.path.join(out, f"alpha.{args.format}"))
+        title = "Online fine-tuning: alpha per training episode (else at evaluations), mean ± 1 std over seeds"
+        plot_grid(alpha_panels, envs, datasets, colors, "alpha (BC weight)", title, written[-1])
+    else:
+        print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
+    episodes = episodes_for(groups) if args.episodes else None
+    if episodes:
+        written.append(os.path.join(out, f"episodes.{args.format}"))
+        plot_episodes(episodes, envs, datasets, colors, written[-1])
+    elif args.episodes:
+        print(
+            "note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not written",
+            file=sys.stderr,
+        )
+    quantity = "score" if metric == "normalized_score" else "return"
+    written.append(os.path.join(out, "curves.csv"))
+    write_curves_csv(written[-1], [(quantity, score_panels), ("alpha", alpha_panels)])
+    return written
 
 
 def fail(message):
@@ -803,59 +842,17 @@ def main(argv=None):
         return fail(str(e))
     groups = group_runs(runs)
 
-    envs = ordered([k[0] for k in groups], ENV_ORDER)
-    datasets = ordered([k[1] for k in groups], DATASET_ORDER)
-    labels = sorted({k[2] for k in groups})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}  # same color for a curve in every panel
-    ylabel = "normalized score (x100)" if metric == "normalized_score" else "return (return_mean)"
     out = args.out or os.path.join(args.folders[0], "plots")
     table = results_table(groups, metric)
     try:
         os.makedirs(out, exist_ok=True)
-        score_panels = curves_for(groups, "value", args.smooth)
-        alpha_panels = curves_for(groups, "alpha", args.smooth)
-        written = [os.path.join(out, f"score.{args.format}")]
-        plot_grid(
-            score_panels,
-            envs,
-            datasets,
-            colors,
-            ylabel,
-            f"Online fine-tuning: {ylabel}, mean ± 1 std over seeds",
-            written[0],
-        )
-        if alpha_panels:
-            written.append(os.path.join(out, f"alpha.{args.format}"))
-            plot_grid(
-                alpha_panels,
-                envs,
-                datasets,
-                colors,
-                "alpha (BC weight)",
-                "Online fine-tuning: alpha, mean ± 1 std over seeds",
-                written[-1],
-            )
-        else:
-            print("note: no run logs alpha, alpha figure not written", file=sys.stderr)
-        if args.episodes:
-            path = os.path.join(out, f"episodes.{args.format}")
-            episodes = episodes_for(groups)
-            if episodes:
-                plot_episodes(episodes, envs, datasets, colors, path)
-                written.append(path)
-            else:
-                print(
-                    "note: no run has an episodes.csv with alpha, R_current and R_last: episodes figure not written",
-                    file=sys.stderr,
-                )
-        quantity = "score" if metric == "normalized_score" else "return"
-        write_curves_csv(os.path.join(out, "curves.csv"), [(quantity, score_panels), ("alpha", alpha_panels)])
+        written = write_figures(groups, metric, args, out)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(table)
     except OSError as e:
         return fail(f"error: cannot write to {out}: {e.strerror or e}")
     print(table)
-    for path in written + [os.path.join(out, "curves.csv"), os.path.join(out, "results.md")]:
+    for path in written + [os.path.join(out, "results.md")]:
         print(f"wrote {path}")
     return 0
 

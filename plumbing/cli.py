@@ -19,7 +19,7 @@ from typing import Literal
 import tyro
 
 from plumbing.errors import STOP_SIGNALS, Preempted, RunFinished, TrainingDiverged, UsageError, request_stop
-from plumbing.run_folder import check_output_dir
+from plumbing.run_folder import check_output_dir, fill_eval_settings
 
 # Re-exported for scripts written before plumbing.runtime existed (benchmarks/update_speed.py --against REV).
 from plumbing.runtime import pick_device as pick_device
@@ -45,10 +45,11 @@ class RunArgs:
     """torch device; auto picks cuda when available"""
     output_dir: str = "runs"
     """runs are written to <output-dir>/<env>-<dataset>__<method>__<seed>__<unix time>/"""
-    eval_every: int = 5_000
-    """evaluate every this many gradient steps offline / environment steps online (paper: 5000)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (paper: 10)"""
+    eval_every: int | None = None
+    """evaluate every this many gradient steps offline / environment steps online (default 5,000, the paper's; with
+    --load-offline: the pre-training run's number, then counted in environment steps)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (default 10, the paper's; with --load-offline: the pre-training run's)"""
     load_offline: str | None = None
     """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     random_dataset_steps: int = 1_000_000
@@ -185,6 +186,8 @@ def run_main(main, Args, method: str, check, description: str = "") -> None:
     """Parse and check the arguments, run main(args), and turn the ways a run ends into exit statuses."""
     try:
         args = parse_args(Args, method, description=description)
+        if args.load_offline is None:  # a fine-tune takes them from its pre-training run (load_pretrained)
+            fill_eval_settings(args)
         check_run_args(args)
         check(args)
         for signum in STOP_SIGNALS:  # cluster preemption: save and exit at the next safe point

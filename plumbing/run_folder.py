@@ -292,9 +292,11 @@ def open_run(args, method: str, task, **info) -> RunFolder:
     every argument, the task (dataset, env, reference scores) and info."""
     if args.resume:
         return RunFolder.reopen(args.resume)
+    fill_eval_settings(args)  # a caller that skipped run_main (a test building Args itself) gets the defaults
     config = {
         "method": method,
         **dataclasses.asdict(args),
+        "eval_settings_from": args.eval_settings_from,
         "dataset_id": task.dataset_id,
         "env_id": task.env.spec.id,
         "env_name": task.env_name,
@@ -355,12 +357,35 @@ def load_pretrained(args, method: str, network_keys) -> dict:
                 f"--load-offline: {path} was pre-trained with --{key.replace('_', '-')} {source[key]}, "
                 f"this run asks for {value}; leave the flag out to use the pre-training value"
             )
+    fill_eval_settings(args, pretraining=source)
     return {
         "agent": checkpoint["agent"],
         "num_updates": checkpoint["num_updates"],
         "rng": checkpoint["rng"],
         "path": str(path),
     }
+
+
+# The evaluation settings a fine-tune inherits from its pre-training run, and their values when nothing sets them.
+EVAL_DEFAULTS = {"eval_every": 5_000, "eval_episodes": 10}
+
+
+def fill_eval_settings(args, pretraining: dict | None = None) -> None:
+    """Give --eval-every and --eval-episodes left unset (None) a value: the pre-training run's (--load-offline, whose
+    config.json is `pretraining`), else EVAL_DEFAULTS. args.eval_settings_from records where each came from ("flag",
+    "pretraining", "default"), for config.json. --eval-every counts gradient steps offline and environment steps
+    online; a fine-tune inherits the number as it is, and counts environment steps with it."""
+    sources = getattr(args, "eval_settings_from", {})
+    for key, default in EVAL_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            sources.setdefault(key, "flag")
+        elif pretraining is not None and pretraining.get(key) is not None:
+            setattr(args, key, pretraining[key])
+            sources[key] = "pretraining"
+        else:
+            setattr(args, key, default)
+            sources[key] = "default"
+    args.eval_settings_from = sources
 
 
 # The dataset settings --load-offline takes over (its reference scores follow from the dataset as before).

@@ -5,6 +5,7 @@ Usage:
     python scripts/play.py runs/hopper-medium__redq_adaptive_bc__0__1700000000
     python scripts/play.py RUN_DIR --episodes 3 --seed 7
     python scripts/play.py RUN_DIR --episodes 1 --video hopper.mp4     # needs: pip install imageio-ffmpeg
+    python scripts/play.py sweeps/fig3-20250101-120000/runs/task_1     # a folder holding one run: that run
 
 It reads RUN_DIR/actor.pt (final.pt if there is no actor.pt), both loaded with weights_only=True:
 {"actor": state dict, "meta": {"method", "config", "actor": {"class", "kwargs"}}}. The policy class is
@@ -26,7 +27,9 @@ MUJOCO_GL unset, this script sets MUJOCO_GL=egl, which needs the EGL and Mesa li
 libosmesa6) is the slower fallback; with a display, MuJoCo's default (glfw) is used.
 
 Bad input (no such folder, no actor.pt or final.pt, a damaged file, an unknown method or env) is
-one line on stderr and exit status 2.
+one line on stderr and exit status 2. SIGTERM or Ctrl-C stops the rollout at once (exit status 130); the
+video is written under a temporary name and renamed when the last episode ends, so a stopped rollout
+leaves none.
 """
 
 from __future__ import annotations
@@ -37,9 +40,15 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared package, for python scripts/play.py
+from plumbing.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 if (
@@ -49,19 +58,19 @@ if (
 ):
     os.environ["MUJOCO_GL"] = "egl"  # headless: must be set before MuJoCo is imported
 
-import numpy as np  # noqa: E402
-
 VIDEO_HELP = "pip install imageio-ffmpeg"
 
 
-class UsageError(Exception):
-    """One line for stderr, exit status 2."""
-
-
 def policy_path(run_dir: Path) -> Path:
-    """RUN_DIR/actor.pt, else RUN_DIR/final.pt (checked before torch is imported: bad input fails at once)."""
+    """RUN_DIR/actor.pt, else RUN_DIR/final.pt (checked before torch is imported: bad input fails at once). A folder
+    holding exactly one run folder (a sweep's runs/task_<i>) stands for that run."""
     if not run_dir.is_dir():
         raise UsageError(f"no such run folder: {run_dir}")
+    runs = sorted(folder.parent for folder in run_dir.glob("*/config.json"))
+    if not (run_dir / "config.json").exists() and len(runs) == 1:
+        run_dir = runs[0]
+    elif not (run_dir / "config.json").exists() and runs:
+        raise UsageError(f"{run_dir} holds {len(runs)} run folders, not one: name the one to play")
     path = run_dir / "actor.pt" if (run_dir / "actor.pt").exists() else run_dir / "final.pt"
     if not path.exists():
         raise UsageError(f"{run_dir} has neither actor.pt nor final.pt: only a finished run has a policy to play")
@@ -70,16 +79,10 @@ def policy_path(run_dir: Path) -> Path:
 
 def load_policy_file(path: Path) -> dict:
     """actor.pt's content (from final.pt's agent if the run has no actor.pt), checked for what play needs."""
-    import torch
+    from plumbing.run_folder import load_torch  # imports torch: only after the quick checks of the input
 
-    try:
-        # TorchVersion (a str subclass) is allowed: runs record torch.__version__ in meta["config"]["versions"].
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled code weights_only refuses
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("meta"), dict):
+    checkpoint = load_torch(path, "play")  # weights_only: a foreign file cannot run code
+    if not isinstance(checkpoint.get("meta"), dict):
         raise UsageError(f"{path} is not a checkpoint of this project (no meta dictionary)")
     if path.name == "final.pt":
         agent = checkpoint.get("agent")
@@ -122,7 +125,6 @@ def build_actor(checkpoint: dict, device):
 
     meta = checkpoint["meta"]
     path = method_script(meta.get("method"))
-    sys.path.insert(0, str(ROOT))  # the scripts import the shared package
     spec = importlib.util.spec_from_file_location(f"play_{meta['method']}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
@@ -179,7 +181,8 @@ def play(actor, env, episodes, seed, device, frames=None, report=print):
 
 
 class VideoFrames:
-    """Frames to an mp4 through imageio-ffmpeg, opened at the first frame (whose size it needs)."""
+    """Frames to an mp4 through imageio-ffmpeg, opened at the first frame (whose size it needs). It writes a
+    temporary file beside PATH and renames it at the end: a stopped rollout leaves no half-written video."""
 
     def __init__(self, path: Path, fps: float):
         try:
@@ -187,13 +190,14 @@ class VideoFrames:
         except ImportError:
             raise UsageError(f"--video needs imageio-ffmpeg, which is not installed: {VIDEO_HELP}") from None
         self.ffmpeg, self.path, self.fps, self.writer, self.count = imageio_ffmpeg, path, fps, None, 0
+        self.tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ffmpeg reads the suffix
 
     def send(self, frame):
         if frame is None:
             raise UsageError("the environment rendered no frame (render_mode='rgb_array' unsupported?)")
         if self.writer is None:
             self.writer = self.ffmpeg.write_frames(
-                str(self.path),
+                str(self.tmp),
                 (frame.shape[1], frame.shape[0]),
                 fps=self.fps,
                 macro_block_size=1,
@@ -203,9 +207,15 @@ class VideoFrames:
         self.writer.send(np.ascontiguousarray(frame))
         self.count += 1
 
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, keep: bool):
+        """Finish the file and move it to PATH (keep), or remove it (a stopped or failed rollout)."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+            if keep and self.writer is not None:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def make_env(env_id, video: bool):
@@ -230,7 +240,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     parser = Parser(prog="scripts/play.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run folder (with actor.pt or final.pt)")
+    parser.add_argument(
+        "run_dir", type=Path, help="a finished run folder (with actor.pt or final.pt), or a folder holding one"
+    )
     parser.add_argument("--episodes", type=positive_int, default=10, metavar="N", help="episodes to play (default 10)")
     parser.add_argument("--seed", type=int, help="reset seed of the first episode (default: the run's seed + 100)")
     parser.add_argument(
@@ -290,6 +302,8 @@ def main(argv=None):
     print(
         f"{config['env_id']}, {checkpoint['meta']['method']} policy from {checkpoint['path']}, seed {seed}", flush=True
     )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the rollout as Ctrl-C does
+    finished = False
     try:
         returns = play(
             actor,
@@ -300,9 +314,10 @@ def main(argv=None):
             frames,
             report=lambda i, ret: print(f"episode {i}: return {ret:.4f}  normalized {normalize(ret):.4f}", flush=True),
         )
+        finished = True
     finally:
         if frames is not None:
-            frames.close()
+            frames.close(keep=finished)
         env.close()
     scores = normalize(returns)
     print(
@@ -320,3 +335,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: stopped the rollout (no video written)", file=sys.stderr)
+        sys.exit(130)

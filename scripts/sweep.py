@@ -13,27 +13,37 @@ offline phase) and figure groups with chain=False run whole. A fine-tune waits f
 <stem>.submit.sh submits FILE for the rest, then per fine-tuning slot k an array, its task j after task j (aftercorr).
 
     python scripts/sweep.py --figure 3 --seeds 0 --workers 2 --extra "--offline-steps 1000 --online-steps 1000"
-    python scripts/sweep.py --methods redq_adaptive_bc my/method.py --variant "" --variant "--utd 10" --dry-run
+    python scripts/sweep.py --methods redq_adaptive_bc --variant "" --variant --no-adaptive-bc --dry-run
     python scripts/sweep.py --figure 3 --slurm fig3.sbatch --gpus 1 --setup "module load cuda"; bash fig3.submit.sh
 
-The sweep folder (--sweep-dir) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/; a
-restarted task finds its run there (final.pt: done; else --resume). Slurm tasks run with HF_HUB_OFFLINE=1 (datasets
-must be local) and get SIGUSR1 2 minutes before their time limit: the run saves latest.pt, exits 138 and requeues.
+The sweep folder (--sweep-dir; default sweeps/<name>-<date>-<time>, outside runs/ so that `plot.py runs/` never
+meets its seeds) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/; a restarted task finds
+its run there (final.pt: done; else --resume). Locally, each run holds its task's claim (logs/task_<i>.lock, flock)
+while it lives: a sweep started again waits for a run an earlier start left alive, and never starts it twice. Slurm
+tasks run with HF_HUB_OFFLINE=1 (datasets must be local) and get SIGUSR1 2 minutes before their time limit: the run
+saves latest.pt, exits 138 and requeues.
 """
 
 import argparse
 import datetime
+import fcntl
 import os
 import shlex
 import signal
+import string
 import subprocess
 import sys
 import time
 from collections import Counter, namedtuple
+from functools import partial
 from itertools import product
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shared package, for python scripts/sweep.py
+from plumbing.errors import UsageError
+
 ROOT = Path(__file__).resolve().parent.parent
+SBATCH_TEMPLATE = Path(__file__).resolve().with_name("sweep.sbatch")  # the job array script, filled per sweep
 METHODS = {
     "redq_adaptive_bc": "redq_adaptive_bc.py",
     "td3_bc": "baselines/td3_bc.py",
@@ -54,8 +64,9 @@ PAPER_ENVS = ("hopper", "halfcheetah", "walker2d")
 PAPER_DATASETS = ("random", "medium", "medium-replay", "medium-expert")  # the paper leaves out Expert
 Run = namedtuple("Run", "index argv label after")  # after: the task whose pre-trained agent it fine-tunes
 # plan: () -> (argv, note), argv None when already complete; FileNotFoundError: it cannot start. after:
-# the index of the job that must succeed first. status: ok, failed, complete, skipped, interrupted, not started.
-Job = namedtuple("Job", "name plan log label after", defaults=("", None))
+# the index of the job that must succeed first. argv: the command it runs, set as it starts.
+# status: ok, failed, complete, skipped, interrupted, not started.
+Job = namedtuple("Job", "name plan log label after argv", defaults=("", None, None))
 Result = namedtuple("Result", "job status returncode seconds", defaults=(None, 0.0))
 
 
@@ -110,10 +121,6 @@ FIGURES = {
 }
 
 
-class UsageError(Exception):
-    """Bad input to the sweep: one line on stderr, exit status 2, before anything runs or is written."""
-
-
 def flags(text, where):
     """The tokens of a flag string; it starts with a flag and sets nothing the sweep sets."""
     try:
@@ -149,20 +156,8 @@ def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
 
     def add(seed, script, env, dataset, tokens, note, after=None):
         i, load = len(runs), [] if after is None else ["--load-offline", f"{runs_dir}/task_{after}"]
-        argv = [
-            "python",
-            script,
-            "--env",
-            env,
-            "--dataset",
-            dataset,
-            "--seed",
-            str(seed),
-            *tokens,
-            "--output-dir",
-            f"{runs_dir}/task_{i}",
-            *load,
-        ]
+        argv = ["python", script, "--env", env, "--dataset", dataset, "--seed", str(seed), *tokens]
+        argv += ["--output-dir", f"{runs_dir}/task_{i}", *load]
         label = [Path(script).stem, f"{env}-{dataset} seed {seed}", note, load and f"(fine-tunes task {after})"]
         runs.append(Run(i, argv, " ".join(filter(None, label)), after))
         return i
@@ -193,12 +188,10 @@ def plan(argv, root):
     task_dir = root / argv[argv.index("--output-dir") + 1]
     found = [f for f in sorted(task_dir.glob("*__*__*__*")) if (f / "config.json").is_file()]  # name order is age
     argv = [sys.executable, *argv[1:]]
+    if found and (found[-1] / "final.pt").exists():
+        return None, f"complete: {found[-1]}"
     if found:
-        return (
-            (None, f"complete: {found[-1]}")
-            if (found[-1] / "final.pt").exists()
-            else ([*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}")
-        )
+        return [*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}"
     if argv[-2] == "--load-offline":
         done = [f for f in sorted((root / argv[-1]).glob("*__*__*__*")) if (f / "final.pt").exists()]
         if not done:
@@ -217,22 +210,61 @@ def child_environ(workers, environ=None, cores=None):
     }
 
 
+def claim(path):
+    """A descriptor holding an exclusive flock on a task's claim file, or None while a live process holds it. The
+    run inherits the descriptor, so the claim lasts as long as the run, even past a SIGKILL of its sweep."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def start(job, fd, cwd, environ):
+    """The job's run, started in its own session with the claim descriptor fd (which then names its pid)."""
+    with open(job.log, "a") as log:
+        log.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(job.argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            job.argv,
+            cwd=cwd,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(fd,),
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(proc.pid).encode(), 0)
+    return proc
+
+
 def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
     """Runs the jobs, `workers` at a time, each appending to its log. A job waits for the job it fine-tunes
-    (skipped if that one failed). After a run exits 2 (it rejected its arguments) no job starts. On
+    (skipped if that one failed), and for a run of its own still alive from an earlier start of the sweep (its
+    claim, logs/task_<i>.lock). After a run exits 2 (it rejected its arguments) no job starts. On
     KeyboardInterrupt the runs get SIGTERM (they save latest.pt), SIGKILL a minute later."""
-    out, results, running, pending = out or sys.stderr, {}, {}, list(range(len(jobs)))
-    start = last = time.monotonic()
+    out, results, running, pending, held = out or sys.stderr, {}, {}, list(range(len(jobs))), set()
+    begin = last = time.monotonic()
 
     def say(text):
-        print(f"[sweep {seconds(time.monotonic() - start)}] {text}", file=out, flush=True)
+        print(f"[sweep {seconds(time.monotonic() - begin)}] {text}", file=out, flush=True)
 
     try:
         while running or pending:
             for i in [i for i in pending if jobs[i].after is None or jobs[i].after in results][
                 : workers - len(running)
             ]:
-                job, before = jobs[pending.pop(pending.index(i))], results.get(jobs[i].after)
+                job, before, lock = jobs[i], results.get(jobs[i].after), str(Path(jobs[i].log).with_suffix(".lock"))
+                if (fd := claim(lock)) is None:
+                    if i not in held:
+                        say(f"{job.name} is running in pid {Path(lock).read_text()} (an earlier start's): waiting")
+                    held.add(i)
+                    continue
+                pending.remove(i)
                 try:
                     if before and before.status not in ("ok", "complete"):
                         raise FileNotFoundError(f"{before.job.name} did not succeed")
@@ -240,40 +272,17 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
                 except FileNotFoundError as e:
                     results[i] = Result(job, "skipped")
                     say(f"skip {job.name}: {e}")
-                    continue
-                if argv is None:
+                    argv = note = None
+                if argv is None and i not in results:
                     results[i] = Result(job, "complete", 0)
                     say(f"{job.name} already complete ({note})")
+                if argv is None:
+                    os.close(fd)
                     continue
-                with open(job.log, "a") as log:
-                    log.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {shlex.join(argv)}\n")
-                    log.flush()
-                    running[i] = (
-                        subprocess.Popen(
-                            argv,
-                            cwd=cwd,
-                            env=environ,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            start_new_session=True,
-                        ),
-                        time.monotonic(),
-                    )
+                running[i] = (start(job._replace(argv=argv), fd, cwd, environ), time.monotonic(), fd)
                 say(f"start {job.name}: {job.label}" + (f" ({note})" if note else ""))
-            for i, (_, started) in [(i, r) for i, r in running.items() if r[0].poll() is not None]:
-                rc, job = running.pop(i)[0].returncode, jobs[i]
-                results[i] = Result(job, "ok" if rc == 0 else "failed", rc, time.monotonic() - started)
-                lines = Path(job.log).read_text(errors="replace").strip().splitlines() if rc else [""]
-                say(
-                    f"done {job.name} ({seconds(results[i].seconds)})"
-                    if rc == 0
-                    else f"FAILED {job.name} (exit {rc}): {lines[-1]}  [log {job.log}]"
-                )
-                if rc == 2 and pending:
-                    say(f"{job.name} rejected its arguments: no more runs are started")
-                    results.update({k: Result(jobs[k], "not started") for k in pending})
-                    pending = []
+            for i in [i for i, r in running.items() if r[0].poll() is not None]:
+                pending = finished(i, running.pop(i), jobs, results, pending, say)
             if time.monotonic() - last >= every:
                 last, failed = time.monotonic(), sum(r.status == "failed" for r in results.values())
                 say(
@@ -283,9 +292,9 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
             time.sleep(poll if running or pending else 0)
     except KeyboardInterrupt:
         say(f"interrupted: stopping {len(running)} run(s)")
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
-        for i, (proc, started) in running.items():
+        for i, (proc, started, _) in running.items():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -293,6 +302,25 @@ def run_local(jobs, workers, cwd, environ, every=5.0, out=None, poll=0.05):
             results[i] = Result(jobs[i], "interrupted", proc.wait(), time.monotonic() - started)
         results.update({k: Result(jobs[k], "not started") for k in pending})
     return [results[i] for i in range(len(jobs))]
+
+
+def finished(i, run, jobs, results, pending, say):
+    """Record job i's ended run (its claim released); returns the jobs still to start (none after an exit 2)."""
+    (proc, started, fd), job = run, jobs[i]
+    os.close(fd)
+    rc = proc.returncode
+    results[i] = Result(job, "ok" if rc == 0 else "failed", rc, time.monotonic() - started)
+    lines = Path(job.log).read_text(errors="replace").strip().splitlines() if rc else [""]
+    say(
+        f"done {job.name} ({seconds(results[i].seconds)})"
+        if rc == 0
+        else f"FAILED {job.name} (exit {rc}): {lines[-1]}  [log {job.log}]"
+    )
+    if rc == 2 and pending:
+        say(f"{job.name} rejected its arguments: no more runs are started")
+        results.update({k: Result(jobs[k], "not started") for k in pending})
+        return []
+    return pending
 
 
 def summary_table(results):
@@ -330,6 +358,10 @@ def ranges(indices):
     return ",".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in spans)
 
 
+class SlurmTemplate(string.Template):
+    delimiter = "@"  # bash owns $: the template's fields are @name
+
+
 def slurm_files(args, name, sweep, root, runs):
     """{path: text} of FILE, a job array whose tasks ask this file what to run (--task), and <stem>.submit.sh, which
     submits FILE for the pre-trainings and whole runs, then once per fine-tuning slot k (SWEEP_SLOT=k)."""
@@ -345,41 +377,21 @@ def slurm_files(args, name, sweep, root, runs):
         "--signal=B:USR1@120",
         f"--cpus-per-task={args.cpus or 2}",
     ]
-    options += [
-        f"--{key}={value}"
-        for key, value in [
-            ("time", args.time),
-            ("partition", args.partition),
-            ("gres", args.gpus and f"gpu:{args.gpus}"),
-            ("mem", args.mem),
-        ]
-        if value
-    ] + (args.sbatch_option or [])
+    gres = args.gpus and f"gpu:{args.gpus}"
+    per_run = {"time": args.time, "partition": args.partition, "gres": gres, "mem": args.mem}
+    options += [f"--{key}={value}" for key, value in per_run.items() if value] + (args.sbatch_option or [])
     task = (
         f"{q(str(Path(__file__).resolve()))} --root {q(str(root))} --sweep-dir {q(str(sweep))} --task "
         '"$SLURM_ARRAY_TASK_ID" ${SWEEP_SLOT:+--slot "$SWEEP_SLOT"}'
     )
-    sbatch = (
-        "\n".join(
-            ["#!/bin/bash", f"# {name}: written by scripts/sweep.py; submit with its .submit.sh"]
-            + [f"#SBATCH {option}" for option in options]
-        )
-        + f"""
-cd {q(str(root))} || exit 2
-{args.setup or "# (no --setup line)"}
-PYTHON=${{PYTHON:-{q(args.python or sys.executable)}}}
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}} HF_HUB_OFFLINE=1
-{f"export MINARI_DATASETS_PATH={q(minari)}" if minari else "# (MINARI_DATASETS_PATH was not set)"}
-# --signal=B:USR1 (time limit near) reaches this shell only: pass it, and SIGTERM, on to the run; then requeue.
-child=""; stop=""; forward() {{ stop=$1; if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null; fi; }}
-trap 'forward USR1' USR1; trap 'forward TERM' TERM
-"$PYTHON" {task} & child=$!  # it writes logs/task_<i>.log, then becomes the training script
-if [ -n "$stop" ]; then kill -s "$stop" "$child"; fi
-wait "$child"; rc=$?
-while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done  # a trapped signal interrupts wait
-[ "$stop" = USR1 ] && [ $rc -ne 0 ] && echo requeued && scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID"
-exit $rc
-"""
+    sbatch = SlurmTemplate(SBATCH_TEMPLATE.read_text()).substitute(
+        name=name,
+        options="\n".join(f"#SBATCH {option}" for option in options),
+        root=q(str(root)),
+        setup=args.setup or "# (no --setup line)",
+        python=q(args.python or sys.executable),
+        minari=f"export MINARI_DATASETS_PATH={q(minari)}" if minari else "# (MINARI_DATASETS_PATH was not set)",
+        task=task,
     )
     submit = [
         "#!/bin/bash",
@@ -435,26 +447,43 @@ def parse_args(argv=None):
     add("--extra", action="append", default=[], metavar="FLAGS", help="flags for every run")
     add("--extra-for", nargs=2, action="append", default=[], metavar=("METHOD", "FLAGS"), help="flags for one method")
     add("--pretrain-once", action=argparse.BooleanOptionalAction, help="pre-train, then fine-tune (default: figures)")
-    add("--sweep-dir", metavar="DIR", help="default: runs/sweeps/<name>-<date>-<time>; an earlier one continues it")
+    add("--sweep-dir", metavar="DIR", help="default: sweeps/<name>-<date>-<time>; an earlier one continues it")
     add("--workers", type=int, metavar="K", help="runs at a time (default: 1; Slurm: the arrays' %%K)")
     add("--status-every", type=float, default=5.0, metavar="SEC", help="seconds between status lines (default: 5)")
     add("--dry-run", action="store_true", help="print the commands; write and run nothing")
     add("--slurm", metavar="FILE", help="write the job array FILE and <stem>.submit.sh instead of running")
-    for flag, kind, text in [
-        ("partition", str, ""),
-        ("time", str, "e.g. 12:00:00"),
-        ("cpus", int, "default: 2"),
-        ("gpus", int, "--gres=gpu:N"),
-        ("mem", str, "e.g. 16G"),
-        ("task", int, None),
-        ("slot", int, None),
-    ]:  # --task, --slot: the Slurm task's call back into this file
-        add(f"--{flag}", type=kind, help=argparse.SUPPRESS if text is None else f"per run; {text}".rstrip("; "))
+    add("--partition", help="per run")
+    add("--time", help="per run; e.g. 12:00:00")
+    add("--cpus", type=int, help="per run; default: 2")
+    add("--gpus", type=int, help="per run; --gres=gpu:N")
+    add("--mem", help="per run; e.g. 16G")
+    add("--task", type=int, help=argparse.SUPPRESS)  # --task, --slot: the Slurm task's call back into this file
+    add("--slot", type=int, help=argparse.SUPPRESS)
     add("--sbatch-option", action="append", metavar="OPT", help="another #SBATCH line, e.g. --sbatch-option=--qos=x")
     add("--setup", metavar="CMD", help='shell line run first in each task, e.g. "module load cuda"')
     add("--python", metavar="PATH", help="the tasks' interpreter (default: the one running this)")
     add("--root", default=str(ROOT), help=argparse.SUPPRESS)  # tests: a tree of stand-in scripts
-    return p.parse_args(argv)
+    return p.parse_args(flag_values_as_values(sys.argv[1:] if argv is None else argv))
+
+
+# Options whose value is itself a flag string, and how many values each takes (the last is the flag string).
+FLAG_VALUED = {"--variant": 1, "--extra": 1, "--extra-for": 2}
+
+
+def flag_values_as_values(argv):
+    """argparse reads a value that looks like a flag (--variant --no-adaptive-bc) as the next option: glue it to its
+    option (--variant=--no-adaptive-bc), or, after --extra-for METHOD, add a space (a value holding a space is a
+    value to argparse; shlex.split drops it again)."""
+    argv, out = list(argv), []
+    while argv:
+        token = argv.pop(0)
+        n = FLAG_VALUED.get(token, 0)
+        values, argv = argv[:n], argv[n:]
+        if n == 1 and values:
+            out.append(f"{token}={values[0]}")
+        else:
+            out += [token, *values[:-1], *[v + " " for v in values[-1:]]]
+    return out
 
 
 def build(args):
@@ -464,8 +493,9 @@ def build(args):
         if args.variant is not None:
             raise UsageError("--variant cannot be combined with --figure (the figure defines its variants)")
         figure, name = FIGURES[args.figure], f"fig{args.figure}"
-        for method in sorted(set(args.methods or ()) - {g.method for g in figure.groups}):
-            raise UsageError(f"Figure {args.figure} has no method {method!r}")
+        unknown = sorted(set(args.methods or ()) - {g.method for g in figure.groups})
+        if unknown:
+            raise UsageError(f"Figure {args.figure} has no method {unknown[0]!r}")
         groups = [g for g in figure.groups if g.method in (args.methods or [g.method])]
         envs, datasets, plot = args.envs or figure.envs, args.datasets or figure.datasets, figure.plot
     elif args.methods:
@@ -473,8 +503,11 @@ def build(args):
         groups = [Group(m, tuple(args.variant or [""]), True) for m in args.methods]
     else:
         raise UsageError("give --figure N or --methods M ...")
-    for g in [g for g in groups if not (root / METHODS[g.method] if g.method in METHODS else Path(g.method)).is_file()]:
-        raise UsageError(f"method {g.method!r}: no such script (methods: {', '.join(METHODS)}, or a path)")
+    missing = [
+        g.method for g in groups if not (root / METHODS[g.method] if g.method in METHODS else Path(g.method)).is_file()
+    ]
+    if missing:
+        raise UsageError(f"method {missing[0]!r}: no such script (methods: {', '.join(METHODS)}, or a path)")
     if any(v is not None and v < 1 for v in (args.workers, args.cpus)):
         raise UsageError("--workers and --cpus must be positive")
     extra = {"": flags(" ".join(args.extra), "--extra")}
@@ -482,7 +515,8 @@ def build(args):
         if Path(method).stem not in {Path(g.method).stem for g in groups}:
             raise UsageError(f"--extra-for: {method!r} is not a method of this sweep")
         extra.setdefault(Path(method).stem, []).extend(flags(text, "--extra-for"))
-    sweep = Path(args.sweep_dir or root / "runs" / "sweeps" / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    # Not under runs/: `python plot.py runs/` would meet a sweep's seeds beside the user's own runs.
+    sweep = Path(args.sweep_dir or root / "sweeps" / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     pretrain_once = args.pretrain_once if args.pretrain_once is not None else bool(args.figure)
     runs = expand(groups, envs, datasets, args.seeds, extra, pretrain_once, display_path(sweep / "runs", root), root)
     return name, sweep.resolve(), runs, f"python plot.py {display_path(sweep / 'runs', root)}/ {plot}".rstrip()
@@ -520,16 +554,8 @@ def main(argv=None):
         )
         return 0
     environ = child_environ(args.workers or 1)
-    jobs = [
-        Job(
-            f"task {r.index}",
-            lambda r=r: plan(r.argv, root),
-            str(sweep / "logs" / f"task_{r.index}.log"),
-            r.label,
-            r.after,
-        )
-        for r in runs
-    ]
+    logs = [str(sweep / "logs" / f"task_{r.index}.log") for r in runs]
+    jobs = [Job(f"task {r.index}", partial(plan, r.argv, root), log, r.label, r.after) for r, log in zip(runs, logs)]
     print(f"{head}; {args.workers or 1} at a time, OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid> stops the sweep as Ctrl-C does
     results = run_local(jobs, args.workers or 1, str(root), environ, args.status_every)

@@ -2,12 +2,16 @@
 reference scores, it replays the run's own last evaluation exactly, bad input is one line and exit 2,
 and (where imageio-ffmpeg and headless OpenGL work) it writes a video of the episodes."""
 
+import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -139,3 +143,67 @@ def test_video(run_dir, played, tmp_path):
     # the first observation and one frame per step; a rendered scene, not a blank image
     assert count > 2 and max(f.std() for f in frames) > 10
     assert parse(proc.stdout)[0] == parse(played.stdout)[0][:1]  # rendering changes nothing
+
+
+def test_a_task_folder_holding_one_run_plays_that_run(run_dir, played, tmp_path):
+    # A sweep keeps each task's run one level down: <sweep>/runs/task_<i>/<run folder>/.
+    task = tmp_path / "runs" / "task_1"
+    shutil.copytree(run_dir, task / run_dir.name)
+    proc = play(task, "--episodes", 2, "--seed", 5)
+    assert proc.returncode == 0, proc.stderr
+    assert parse(proc.stdout) == parse(played.stdout), "the same episodes as playing the run folder itself"
+    shutil.copytree(run_dir, task / "second-run")
+    two = play(task, "--episodes", 1)
+    assert two.returncode == 2, "two runs in the folder: which to play is ambiguous"
+    assert "holds 2 run folders" in two.stderr, two.stderr
+
+
+def test_sigterm_stops_a_rollout_within_seconds(run_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "play.py"), str(run_dir), "--episodes", "1000000"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip(), "the header line"
+        assert proc.stdout.readline().startswith("episode 1:"), "the rollout runs"
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rc = proc.wait(timeout=30)
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert rc == 130, "stopped as by Ctrl-C"
+    assert waited < 5, f"stopped {waited:.1f} s after SIGTERM"
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr
+
+
+def test_a_stopped_video_leaves_no_file(tmp_path, monkeypatch):
+    # A stand-in for imageio-ffmpeg's write_frames: a generator that writes each frame's bytes to its path.
+    def write_frames(path, size, **kwargs):
+        with open(path, "wb") as f:
+            while True:
+                frame = yield
+                if frame is not None:
+                    f.write(frame.tobytes())
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", types.SimpleNamespace(write_frames=write_frames))
+    spec = importlib.util.spec_from_file_location("play_script", ROOT / "scripts" / "play.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    frame = np.zeros((2, 2, 3), np.uint8)
+    stopped = script.VideoFrames(tmp_path / "stopped.mp4", 30)
+    stopped.send(frame)
+    assert not (tmp_path / "stopped.mp4").exists(), "frames go to a temporary name"
+    stopped.close(keep=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a stopped rollout leaves neither video nor temp file"
+    done = script.VideoFrames(tmp_path / "done.mp4", 30)
+    done.send(frame)
+    done.send(frame)
+    done.close(keep=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.mp4"], "a finished rollout's video is renamed"
+    assert (tmp_path / "done.mp4").stat().st_size == 2 * frame.nbytes, "with every frame"

@@ -201,7 +201,10 @@ def test_table_numbers_by_hand(runs_dir, capsys):
     #   dip: seed 0 steps <= 50 -> 40; seed 1 steps <= 75 -> 30 -> 35 ± 5
     assert lines[4] == "| hopper | medium | td3_bc | 2 | 35.00 ± 5.00 | 55.00 ± 5.00 | 42.50 ± 7.50 | 35.00 ± 5.00 |"
     assert len([ln for ln in lines if ln.startswith("| hopper")]) == 3  # broken runs not in the table
-    assert "population standard deviation" in table
+    assert lines[-1] == "normalized score (x100), mean ± std over seeds; the columns: python plot.py --help", (
+        "a pointer"
+    )
+    assert "population standard deviation" in plot.__doc__, "the usage, stated once, says what std is"
     # one stderr line per broken folder, with its reason
     err = capsys.readouterr().err.splitlines()
     assert len(err) == len(BROKEN)
@@ -478,7 +481,7 @@ def test_scratch_runs_join_every_dataset_panel_of_their_env(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| hopper | medium | redq (scratch) | 2 | 1.00 ± 0.00 | 10.00 ± 1.00 |" in proc.stdout
     assert "| hopper | random |" not in proc.stdout and "| walker2d | scratch | redq (scratch) | 1 |" in proc.stdout
-    assert "repeats the same runs" in proc.stdout
+    assert "(the same runs, repeated)" in " ".join(plot.__doc__.split()), "the usage says why scratch rows repeat"
 
 
 def text_on_canvas(fig):
@@ -509,7 +512,7 @@ def test_figures_keep_titles_and_legends_on_the_canvas(tmp_path, shape):
     long = [f"redq_adaptive_bc (kp={k}, target_return=1.0, keep_ratio=0.05)" for k in (1, 2, 3)]
     for labels in (["td3_bc"], long):  # short: legend inside each panel; long: one legend below the figure
         panels = {
-            (e, d): [(label, steps, steps / 10, steps / 100, np.array([3, 3])) for label in labels]
+            (e, d): [plot.Curve(label, steps, steps / 10, steps / 100, np.array([3, 3])) for label in labels]
             for e in envs
             for d in datasets
         }
@@ -553,7 +556,56 @@ def test_episodes_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "episodes.png").read_bytes().startswith(b"\x89PNG")
     assert "1 of 3 runs have no episodes.csv with alpha" in proc.stderr
-    assert not (tmp_path / "out2").exists()
+
+
+def test_episodes_figure_shows_r_x100_with_the_target_at_100(tmp_path):
+    # Eq. 2's R_current 0.02 against R_target 1.0: on a linear axis from 0 to 1 the R lines lie flat on 0.
+    folder = with_config(
+        write_run(tmp_path, "hopper-medium__redq_adaptive_bc__0__1", online=[(0, 1)], method="redq_adaptive_bc"),
+        target_return=1.0,
+    )
+    write_episodes(folder, [(20, 20, 50, 0.02, 0.01, 1e-5, 0, 0.4), (40, 40, 90, 0.03, 0.02, 1e-5, 0, 0.39)])
+    episodes = plot.episodes_for(plot.group_runs(plot.load_runs([tmp_path])))
+    fig = plot.plot_episodes(episodes, ["hopper"], ["medium"], {"redq_adaptive_bc": "C0"}, tmp_path / "e.png")
+    bottom = fig.axes[1]
+    r_current, r_last, target = (line.get_ydata() for line in bottom.lines)
+    assert list(r_current) == pytest.approx([2, 3]), "R_current x100"
+    assert list(r_last) == pytest.approx([1, 2]), "R_last x100"
+    assert list(target) == [100, 100], "R_target drawn at 100"
+    assert bottom.get_yscale() == "symlog", "R near 0 and the target at 100 both show"
+    low, high = bottom.get_ylim()
+    assert low <= 1 and high >= 100, f"the axis spans R and the target ({low}, {high})"
+    assert "x100" in bottom.get_ylabel(), "the axis states its unit"
+
+
+def test_alpha_is_drawn_per_training_episode_where_episodes_csv_logs_it(tmp_path):
+    folder = write_run(
+        tmp_path, "hopper-medium__redq_adaptive_bc__0__1", online=[(0, 1), (100, 2)], method="redq_adaptive_bc"
+    )
+    write_episodes(folder, [(60, 60, 50, 0.2, 0.1, 1e-5, 0, 0.38), (30, 30, 50, 0.2, 0.1, 1e-5, 0, 0.39)])
+    (run,) = plot.load_runs([tmp_path])
+    assert run.alpha_steps.tolist() == [30, 60], "every training episode, in step order"
+    assert run.alpha_values.tolist() == [0.39, 0.38], "its alpha"
+    other = write_run(tmp_path / "b", "hopper-medium__td3_bc__0__1", online=[(0, 1), (100, 2)], method="td3_bc")
+    write_episodes(other, [(20, 20, 50, 0.2)], columns="step,length,return,normalized_return")
+    (evaluated,) = [r for r in plot.load_runs([tmp_path]) if r.method == "td3_bc"]
+    assert len(evaluated.alpha_steps) == 0, "no alpha in either file: none drawn"
+
+
+def test_titles_never_leave_a_lone_word_on_a_line():
+    title = "Online fine-tuning: normalized score (x100), mean ± 1 std over seeds"
+    for width in range(20, len(title) + 5):
+        lines = plot.balanced_lines(title, width).splitlines()
+        assert all(len(line) <= width for line in lines), f"width {width}: a line is too long"
+        assert len(lines) == len(plot.textwrap.wrap(title, width)), f"width {width}: no more lines than needed"
+        assert len(lines) == 1 or len(lines[-1].split()) > 1, f"width {width}: {lines}"
+
+
+def test_help_states_the_units():
+    text = " ".join(run_cli("--help").stdout.split())
+    assert "every figure shows normalized returns x100" in text, "the figures' unit"
+    assert "episodes.csv keeps Eq. 2's own fractions" in text, "the controller's file keeps fractions"
+    assert "R_target drawn at 100" in text, "where the target is drawn"
 
 
 def test_real_run_folders_with_suffix(datasets_path, tmp_path):
@@ -584,7 +636,7 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     assert {r[7] for r in rows} == {"2"}  # every point averages both runs
 
 
-def test_pre_training_runs_of_a_sweep_are_left_out_quietly(tmp_path, capsys):
+def test_pre_training_runs_of_a_sweep_are_left_out_and_named(tmp_path, capsys):
     # A pre-train-once sweep's first stage (--online-steps 0) has offline rows only; its fine-tunes are drawn.
     pre = with_config(
         write_run(tmp_path, "hopper-medium__td3_bc__0__1", offline=[(0, 5), (1000, 9)], method="td3_bc"), online_steps=0
@@ -596,7 +648,9 @@ def test_pre_training_runs_of_a_sweep_are_left_out_quietly(tmp_path, capsys):
     )
     runs = plot.load_runs([tmp_path])
     assert [Path(run.folder) for run in runs] == [fine]
-    assert "skipping" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipping" not in err
+    assert f"note: 1 pre-train-only run(s) (online_steps 0) not plotted: {pre}\n" in err, "named in one line"
     broken = write_run(tmp_path, "hopper-medium__td3_bc__1__3", offline=[(0, 5)], method="td3_bc", seed=1)
     plot.load_runs([tmp_path])
     assert f"skipping {broken}: no online rows yet" in capsys.readouterr().err  # a run still pre-training

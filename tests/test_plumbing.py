@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, hopper_episodes, make_minari_dataset
+from conftest import ROOT, hopper_episodes, make_minari_dataset, run_script
 
 from plumbing import cli, datasets, errors, run_folder, tracking
 from plumbing.cli import RunArgs, UsageError
@@ -808,3 +808,44 @@ def test_config_records_the_git_commit_of_the_code(tmp_path):
             head.stdout.strip(),
             head.stdout.strip() + "-dirty",
         )
+
+
+def test_a_fine_tune_inherits_the_evaluation_settings_of_its_pre_training(datasets_path, tmp_path):
+    # conftest's tiny dataset, named by its id as the folder holds it (its name does not matter here).
+    (dataset_dir,) = (datasets_path / "local" / "hopper").iterdir()
+    tiny = ["--dataset-id", f"local/hopper/{dataset_dir.name}", "--hidden-dim", 8, "--batch-size", 16]
+    pre = run_script(
+        "baselines/td3_bc.py",
+        *tiny,
+        *("--offline-steps", 20, "--online-steps", 0, "--eval-every", 20, "--eval-episodes", 2),
+        *("--output-dir", tmp_path / "pre"),
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
+    assert pre.returncode == 0, pre.stderr
+    (pre_run,) = (tmp_path / "pre").iterdir()
+    tune = run_script(
+        "baselines/td3_bc.py",
+        *tiny,
+        *("--online-steps", 30, "--eval-every", 30, "--load-offline", pre_run, "--output-dir", tmp_path / "tune"),
+        datasets_path=datasets_path,
+        cwd=tmp_path,
+    )
+    assert tune.returncode == 0, tune.stderr
+    (tune_run,) = (tmp_path / "tune").iterdir()
+    config = json.loads((tune_run / "config.json").read_text())
+    assert config["eval_episodes"] == 2, "--eval-episodes is the pre-training run's 2, not the default 10"
+    assert config["eval_every"] == 30, "--eval-every given on the command line wins"
+    assert config["eval_settings_from"] == {"eval_every": "flag", "eval_episodes": "pretraining"}, "sources recorded"
+    pre_config = json.loads((pre_run / "config.json").read_text())
+    assert pre_config["eval_settings_from"] == {"eval_every": "flag", "eval_episodes": "flag"}, "pre-training's"
+
+
+def test_evaluation_settings_default_to_the_papers_values_when_nothing_sets_them():
+    args = RunArgs()
+    run_folder.fill_eval_settings(args)
+    assert (args.eval_every, args.eval_episodes) == (5_000, 10), "the paper's 5,000 steps and 10 episodes"
+    assert args.eval_settings_from == {"eval_every": "default", "eval_episodes": "default"}, "sources"
+    args = RunArgs(eval_every=7)
+    run_folder.fill_eval_settings(args, pretraining={"eval_every": 3, "eval_episodes": 4})
+    assert (args.eval_every, args.eval_episodes) == (7, 4), "a flag wins, the pre-training fills the rest"

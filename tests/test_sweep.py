@@ -4,6 +4,7 @@ from it, locally and on Slurm (the generated files, run with bash as Slurm would
 scontrol), resume, and an interrupted sweep. Nothing here trains: a stub script writes run folders as the
 training scripts do."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,6 +44,7 @@ if "--load-offline" in opts:
     if opts.get("--hidden-dim", pre.get("--hidden-dim")) != pre.get("--hidden-dim"):
         print("error: --load-offline: pre-trained with another --hidden-dim", file=sys.stderr)
         sys.exit(2)
+time.sleep(float(os.environ.get("STUB_START_DELAY", "0")))  # imports, dataset loading: no run folder yet
 if "--resume" in opts:
     run = opts["--resume"]
 else:
@@ -236,6 +238,64 @@ def test_bad_sweep_input_is_one_line_exit_2(args, needle):
     assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
 
 
+def test_a_bare_flag_is_a_variant_in_the_documented_form():
+    """issue 20: `--variant "--no-adaptive-bc"` reaches argparse as --variant --no-adaptive-bc, which it took for
+    an option ("expected one argument"). The value after --variant, --extra and --extra-for METHOD is a value."""
+    runs = runs_of(
+        *("--methods", "redq_adaptive_bc", "--seeds", "0", "--variant", "--no-adaptive-bc", "--variant", ""),
+        *("--extra", "--online-steps=9", "--extra-for", "redq_adaptive_bc", "--authors-code"),
+    )
+    assert [r.argv[8:-2] for r in runs] == [
+        ["--online-steps=9", "--authors-code", "--no-adaptive-bc"],
+        ["--online-steps=9", "--authors-code"],
+    ], "each variant's bare flag after --extra's and --extra-for's"
+
+
+def test_the_help_s_examples_run(tmp_path, capsys):
+    examples = [
+        shlex.split(line.split(";")[0])[2:] for line in sweep.__doc__.splitlines() if "python scripts/sweep" in line
+    ]
+    assert len(examples) == 3, "the docstring's examples"
+    for example in examples:
+        code = sweep.main([*example, "--dry-run", "--sweep-dir", str(tmp_path / "sw")])
+        assert code == 0, f"{shlex.join(example)}: {capsys.readouterr().err}"
+    assert "--no-adaptive-bc" in capsys.readouterr().out, "the bare-flag variant reaches the commands"
+
+
+def test_a_sweep_s_default_folder_is_outside_runs():
+    # plot.py runs/ would find a sweep's seeds next to the user's own runs (issue 20): seed 0 twice, exit 2.
+    name, folder, _, plot = sweep.build(sweep.parse_args(["--methods", "td3_bc"]))
+    assert folder.parent == ROOT / "sweeps", f"{folder} is in sweeps/"
+    assert plot.startswith(f"python plot.py sweeps/{folder.name}/runs/"), "its plot command reads it there"
+
+
+@pytest.mark.parametrize("method", sorted(sweep.METHODS))
+def test_pretraining_knows_every_flag_load_offline_takes_over(method):
+    """PRETRAINING is written by hand; a script that gains a network or dataset flag (NETWORK_KEYS, DATASET_KEYS,
+    what plumbing.run_folder.load_pretrained takes over) must be named there, or its variants would all fine-tune
+    one pre-training built with the default value."""
+    from plumbing.run_folder import DATASET_KEYS
+
+    source = (ROOT / sweep.METHODS[method]).read_text()
+    spec_ = importlib.util.spec_from_file_location(f"pretraining_check_{method}", ROOT / sweep.METHODS[method])
+    module = sys.modules[spec_.name] = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    taken_over = [*DATASET_KEYS, *getattr(module, "NETWORK_KEYS", []), "offline_steps"]
+    unknown = [k for k in taken_over if k not in ("env", "dataset") and k.replace("_", "-") not in sweep.PRETRAINING]
+    assert unknown == [], f"{method}: add {unknown} to scripts/sweep.py's PRETRAINING"
+    assert "load_pretrained(" in source or "NETWORK_KEYS" not in source, "NETWORK_KEYS reach load_pretrained"
+
+
+def test_pretraining_names_only_flags_some_script_has():
+    fields = set()
+    for method, path in sweep.METHODS.items():
+        spec_ = importlib.util.spec_from_file_location(f"pretraining_fields_{method}", ROOT / path)
+        module = sys.modules[spec_.name] = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+        fields |= {f.name.replace("_", "-") for f in dataclasses.fields(module.Args)}
+    assert sweep.PRETRAINING - fields == set(), "a flag no script has any more (renamed?)"
+
+
 # ---------------------------------------------------------------- local runs
 
 
@@ -413,6 +473,27 @@ def test_interrupted_sweep_stops_its_runs_with_sigterm(stub, tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130 and out.splitlines()[-2] == "3 runs: 2 interrupted, 1 not started"
     assert len(list(sd.glob("runs/task_*/*/latest.pt"))) == 2  # the runs saved their state
+
+
+def test_a_sweep_killed_and_started_again_runs_no_task_twice(stub, tmp_path):
+    """issue 17: a sweep killed with SIGKILL leaves its runs alive (they run in their own sessions); started again
+    while a run is still starting (no run folder yet), it must wait for that run, not start the task a second time."""
+    sd = tmp_path / "sw"
+    argv = [sys.executable, str(SWEEP), "--methods", str(stub), "--seeds", "0", "--sweep-dir", str(sd)]
+    env = {**os.environ, "STUB_START_DELAY": "3"}
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    claim, deadline = sd / "logs" / "task_0.lock", time.time() + 30
+    while time.time() < deadline and not (claim.exists() and claim.read_text()):
+        time.sleep(0.02)
+    first.kill()  # SIGKILL: no handler runs, the run it started lives on
+    first.wait(timeout=10)
+    run_pid = int(claim.read_text())
+    assert not list((sd / "runs" / "task_0").glob("*__*")), "killed while its run was starting (no run folder)"
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert f"task 0 is running in pid {run_pid} (an earlier start's): waiting" in again.stderr, "says why it waits"
+    assert again.stdout.splitlines()[-2] == "1 runs: 1 complete", "and finds the run complete once it ends"
+    assert len(calls(sd / "runs" / "task_0")) == 1, "the task ran once"
 
 
 def test_child_environ_omp_threads():
