@@ -23,6 +23,12 @@ Algorithm 1, line by line:
     for every episode: act with noise, store, G x (critics, actor, targets)             finetune -> Agent.update
                        adapt alpha_online from R_last and R_current (Eq. 2)             adapt_alpha
 
+Names from plumbing/ (the shared code no paper describes; nothing there is needed to follow the method):
+    RunArgs       the flags every script shares: --env, --dataset, --seed, --eval-every, --eval-episodes, ...
+    open_task     the dataset, the training and evaluation environments, task.normalized (D4RL's score, a fraction)
+    open_run      the run folder: run.means (loss averages per row), run.logs, run.checkpoint_due, run.save_latest
+    run_main      parses the flags, calls check_args, runs main, turns errors and signals into exit statuses
+
 Run:
     python redq_adaptive_bc.py --env hopper --dataset medium
     python redq_adaptive_bc.py --env hopper --dataset medium --authors-code   # the authors' configuration
@@ -44,7 +50,7 @@ import torch.nn as nn
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.compile import compile_step
 from plumbing.datasets import check_transitions, open_task
-from plumbing.errors import UsageError
+from plumbing.errors import UsageError, stop_requested
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
 
@@ -87,6 +93,8 @@ class Args(RunArgs):
     """M, randomly drawn critics whose minimum forms the target (Table 1: 2)"""
     min_over_all_offline: bool = False
     """with M = N, take the min over all critics in pre-training too (authors' code: fine-tuning only)"""
+    num_min_critics_offline: int | None = None
+    """M while pre-training (None: M, except a random pair where M = N without --min-over-all-offline)"""
     utd: int | None = None
     """G, gradient steps per online environment step (None: Table 1's 20; --authors-code: 10)"""
     critic_loss_reduction: Literal["mean", "sum"] = "mean"
@@ -142,53 +150,48 @@ PAPER_VS_AUTHORS = dict(
 )
 
 
-def check_args(args: Args) -> None:
-    """Fill the paper's (or, with --authors-code, the authors') defaults, then reject bad values."""
+def resolve_defaults(args: Args, env_name: str, dataset_name: str, dataset_size: int) -> None:
+    """Turn every None into its value: the paper's, or with --authors-code the authors' (PAPER_VS_AUTHORS), and
+    the values that depend on the task and the data. config.json records the result."""
     for name, (paper, authors) in PAPER_VS_AUTHORS.items():
         if getattr(args, name) is None:
             setattr(args, name, authors if args.authors_code else paper)
+    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
+        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name == "random" else 0.4
+    if args.alpha_online is None:
+        args.alpha_online = min(args.alpha_offline, args.alpha_online_max)
+    if args.num_min_critics_offline is None:  # redq_bc.py:141: the min over all critics only when fine-tuning
+        all_critics = args.num_min_critics == args.num_critics and not args.min_over_all_offline
+        args.num_min_critics_offline = min(2, args.num_critics) if all_critics else args.num_min_critics
+    if args.buffer_size is None:
+        args.buffer_size = max(args.online_steps, num_kept(dataset_size, args.keep_ratio, args.keep_min))
+
+
+def check_args(args: Args) -> None:
+    """Reject bad values with one line (exit status 2). Unresolved defaults (None) pass."""
     check_ranges(
         args,
-        positive=[
-            "offline_steps",
-            "batch_size",
-            "policy_freq",
-            "hidden_layers",
-            "hidden_dim",
-            "num_critics",
-            "num_min_critics",
-            "utd",
-            "learning_rate",
-            "buffer_size",
-        ],
-        non_negative=[
-            "online_steps",
-            "policy_noise",
-            "noise_clip",
-            "exploration_noise",
-            "kp",
-            "kd",
-            "keep_min",
-            "alpha_offline",
-            "alpha_online",
-            "alpha_online_max",
-        ],
+        positive=(
+            "offline_steps batch_size policy_freq hidden_layers hidden_dim num_critics num_min_critics "
+            "num_min_critics_offline utd learning_rate buffer_size"
+        ).split(),
+        non_negative=(
+            "online_steps policy_noise noise_clip exploration_noise kp kd keep_min alpha_offline alpha_online "
+            "alpha_online_max"
+        ).split(),
         fraction=["keep_ratio", "r_last_smoothing", "tau"],
         finite=["target_return", "gamma"],
     )
-    if args.num_min_critics > args.num_critics:
-        raise UsageError(f"--num-min-critics M={args.num_min_critics} exceeds --num-critics N={args.num_critics}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.target_return <= 2:
-        raise UsageError(
-            f"--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2], "
-            f"got {args.gamma} and {args.target_return}"
-        )
-    check_run_size(
-        args.num_critics + 1,
-        args.hidden_dim,
-        args.hidden_layers,
-        transitions=max(args.online_steps, args.buffer_size or 0),
-    )
+    for name in ("num_min_critics", "num_min_critics_offline"):
+        M = getattr(args, name)
+        if M is not None and M > args.num_critics:
+            raise UsageError(f"--{name.replace('_', '-')} M={M} exceeds --num-critics N={args.num_critics}")
+    if not 0 <= args.gamma <= 1:
+        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
+    if args.target_return is not None and not 0 <= args.target_return <= 2:
+        raise UsageError(f"--target-return (a fraction, 1 = expert) must be in [0, 2], got {args.target_return}")
+    transitions = max(args.online_steps, args.buffer_size or 0)
+    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers, transitions=transitions)
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------
@@ -229,7 +232,8 @@ class CriticEnsemble(nn.Module):
                 nn.init.trunc_normal_(weight, std=1 / (2 * math.sqrt(fan_in)))
             else:  # nn.Linear's default, each critic independently
                 bound = 1 / math.sqrt(fan_in)
-                weight.uniform_(-bound, bound), bias.uniform_(-bound, bound)
+                weight.uniform_(-bound, bound)
+                bias.uniform_(-bound, bound)
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(bias))
         self.activation = ACTIVATIONS[activation]()
@@ -261,7 +265,10 @@ class ReplayBuffer:
     transition overwrites the oldest one."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.capacity = capacity
+        self.device = device
+        self.ptr = 0  # where the next transition goes
+        self.size = 0
         self.data = Batch(
             *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
         )
@@ -272,7 +279,8 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch_size) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
@@ -282,7 +290,8 @@ class ReplayBuffer:
         return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
 
     def load_state_dict(self, state):
-        self.ptr, self.size = state["ptr"], state["size"]
+        self.ptr = state["ptr"]
+        self.size = state["size"]
         for name, storage in zip(Batch._fields, self.data):
             storage.copy_(state[name])
 
@@ -324,11 +333,14 @@ def critic_loss(critic, batch: Batch, y, reduction="mean"):
 
 
 def actor_loss(actor, critic, batch: Batch, alpha):
-    """Eq. 4 with Eq. 1's normalization: -mean(Qbar)/mean|Qbar| + alpha * mean((pi(s) - a)^2)."""
+    """Eq. 4: L(pi) = -mean(Qbar(s, pi(s))) / mean|Qbar(s, pi(s))| + alpha * mean((pi(s) - a)^2)."""
     pi = actor(batch.obs)
     q_bar = critic(batch.obs, pi).mean(dim=0)  # mean over all N critics
-    # Dividing by the batch's mean |Qbar| (no gradient) makes alpha independent of the reward scale.
-    return -q_bar.mean() / q_bar.abs().mean().detach() + alpha * ((pi - batch.actions) ** 2).mean()
+    # Eq. 1's normalization: dividing by the batch's mean |Qbar| (no gradient) makes alpha independent of the
+    # reward scale.
+    q_term = -q_bar.mean() / q_bar.abs().mean().detach()
+    bc_term = ((pi - batch.actions) ** 2).mean()  # Eq. 4's behavior cloning term
+    return q_term + alpha * bc_term
 
 
 @torch.no_grad()
@@ -350,15 +362,19 @@ class Agent:
         optim = dict(capturable=True) if args.compile and device.type == "cuda" else dict(fused=True)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, **optim)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, **optim)
-        self.args, self.device, self.num_updates = args, device, 0
+        self.args = args
+        self.device = device
+        self.num_updates = 0
 
     def critic_step(self, batch: Batch, num_min_critics):
         """Eq. 3 for all N critics, with a fresh random subset of M critics for the target (REDQ)."""
-        a, critic_idx = self.args, None  # None: M = N, the min over all critics
-        if num_min_critics < a.num_critics:
-            critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[:num_min_critics]
-        y = td_target(batch, self.actor_target, self.critic_target, critic_idx, a.gamma, a.policy_noise, a.noise_clip)
-        loss, q_mean = critic_loss(self.critic, batch, y, a.critic_loss_reduction)
+        args = self.args
+        critic_idx = None  # M = N: the min over all critics
+        if num_min_critics < args.num_critics:
+            critic_idx = torch.randperm(args.num_critics, device=batch.obs.device)[:num_min_critics]
+        noise = (args.policy_noise, args.noise_clip)
+        y = td_target(batch, self.actor_target, self.critic_target, critic_idx, args.gamma, *noise)
+        loss, q_mean = critic_loss(self.critic, batch, y, args.critic_loss_reduction)
         self.critic_optim.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_optim.step()
@@ -382,7 +398,8 @@ class Agent:
         """One gradient step. No host-device synchronization: the metrics stay tensors."""
         self.num_updates += 1
         update_actor = self.num_updates % self.args.policy_freq == 0
-        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch, num_min_critics)))
+        loss, q_mean = self.critic_step(batch, num_min_critics)
+        metrics = {"critic_loss": loss, "q_mean": q_mean}
         if update_actor:
             metrics["actor_loss"] = self.actor_step(batch, alpha)
         if update_actor or not self.args.delay_target_updates:
@@ -390,10 +407,8 @@ class Agent:
         return metrics
 
     def state_dict(self):
-        return {
-            name: getattr(self, name).state_dict()
-            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
-        }
+        names = ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        return {name: getattr(self, name).state_dict() for name in names}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -426,36 +441,45 @@ def adapt_alpha(
 
 # ---- Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **extra) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy pi(s) in --eval-episodes episodes, each evaluation from
-    the same seed, written as a progress.csv row with the losses averaged since the previous row."""
+def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray | None:
+    """Undiscounted returns of the deterministic policy pi(s) in `episodes` episodes, the first reset with `seed`
+    so every evaluation sees the same starts. None when a stop signal (SIGTERM) cut the evaluation short."""
     returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
         done, episode_return = False, 0.0
         while not done:
+            if stop_requested:
+                return None
             action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
-            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
+            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    returns = np.array(returns)
-    run.log_evaluation(
-        phase,
-        step,
-        returns,
-        100 * task.normalized(returns),
-        means.pop(),
-        agent.num_updates,
-        env_steps,
-        alpha=alpha,
-        **extra,
-    )
-    return returns
+    return np.array(returns)
 
 
 COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return"]
 EPISODE_COLUMNS = ["step", "length", "return", "R_current", "R_last", "p_term", "d_term", "alpha"]
+
+
+def checkpoint(agent, phase, step, buffer=None, **state) -> dict:
+    """What latest.pt holds besides the random streams: enough to continue this run exactly (--resume)."""
+    buffer_state = {} if buffer is None else {"buffer": buffer.state_dict()}
+    return dict(
+        phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **buffer_state, **state
+    )
+
+
+def log_evaluation(run, agent, task, args, rng, phase, step, alpha, resume: dict, env=None, **extra) -> np.ndarray:
+    """evaluate(), then a progress.csv row: scores x100 (D4RL's) and the losses averaged since the previous row.
+    When a stop signal cuts the evaluation short, save `resume` (the state before it, so --resume redoes it)."""
+    returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
+    if returns is None:
+        run.save_latest(dict(resume, evaluation_due=True), rng, env)  # raises Preempted
+    scores = 100 * task.normalized(returns)
+    run.log_evaluation(phase, step, returns, scores, run.means.pop(), agent.num_updates, alpha=alpha, **extra)
+    return returns
 
 
 # ---- The three phases of Algorithm 1 ------------------------------------------------------------------------
@@ -464,65 +488,75 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(
-            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
-        ):
+        values = (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        for key, value in zip(parts, values):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def pretrain(agent, buffer, args, run, task, rng, start=0):
+def pretrain(agent, buffer, args, run, task, rng, start=0, evaluation_due=True):
     """Algorithm 1, lines 4-9: K gradient steps of TD3+BC with the REDQ ensemble, alpha = alpha_offline."""
-    alpha, means, M = torch.tensor(args.alpha_offline, device=agent.device), run.means, args.num_min_critics
-    if M == args.num_critics and not args.min_over_all_offline:
-        M = min(2, M)  # redq_bc.py:141: the min over all critics only when fine-tuning, a random pair before
-    if start == 0:
-        evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means)
+    alpha_offline = torch.tensor(args.alpha_offline, device=agent.device)  # a tensor: see finetune
+    if evaluation_due:  # the untrained agent's, or the one a stop signal cut short
+        resume = checkpoint(agent, "offline", start)
+        log_evaluation(run, agent, task, args, rng, "offline", start, args.alpha_offline, resume)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
         for step in range(start + 1, args.offline_steps + 1):
-            means.add(agent.update(buffer.sample(args.batch_size), alpha, M))
+            batch = buffer.sample(args.batch_size)
+            run.means.add(agent.update(batch, alpha_offline, args.num_min_critics_offline))
             if step % args.eval_every == 0 or step == args.offline_steps:
-                evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
+                resume = checkpoint(agent, "offline", step)
+                log_evaluation(run, agent, task, args, rng, "offline", step, args.alpha_offline, resume)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(
-                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
-                )
+                run.save_latest(checkpoint(agent, "offline", step), rng)
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def switch_to_online(agent, buffer, args, run, task, rng):
     """Algorithm 1, lines 10-12: keep a random subset of the offline data, evaluate the pre-trained agent."""
-    buffer = downsample(
-        buffer,
-        args.buffer_size,
-        args.keep_ratio,
-        args.keep_min,
-        args.keep_with_replacement,
-        torch.Generator().manual_seed(args.seed),
+    generator = torch.Generator().manual_seed(args.seed)
+    online_buffer = downsample(
+        buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement, generator
     )
-    total = run.config["dataset_transitions"]
-    print(
-        f"switch to online: kept {buffer.size} of {total} offline transitions"
-        + (" (all of them: --keep-min is not below the dataset's size)" if buffer.size >= total else ""),
-        file=sys.stderr,
-    )
-    returns = evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
+    kept, total = online_buffer.size, buffer.size
+    everything = " (all of them: --keep-min is not below the dataset's size)" if kept >= total else ""
+    print(f"switch to online: kept {kept} of {total} offline transitions{everything}", file=sys.stderr)
+    # A stop signal here resumes from the end of pre-training, which redoes the switch (its draw is seeded).
+    resume = checkpoint(agent, "offline", args.offline_steps)
+    returns = log_evaluation(run, agent, task, args, rng, "online", 0, args.alpha_online, resume)
     R_last = task.normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean())  # main.py:181
-    state = dict(phase="online", step=0, alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)
-    run.save_latest(
-        dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, task.env
-    )
-    return buffer, state
+    state = dict(alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)
+    run.save_latest(checkpoint(agent, "online", 0, online_buffer, **state), rng, task.env)
+    return online_buffer, dict(state, step=0)
+
+
+def episode_row(step, length, episode_return, R_current, R_last, update: AlphaUpdate, alpha_online) -> dict:
+    """episodes.csv: Eq. 2's inputs and output (fractions, as --target-return), so a row can be checked by hand."""
+    row = dict(step=step, length=length, R_current=R_current, R_last=R_last, alpha=alpha_online)
+    return row | {"return": episode_return, "p_term": update.p_term, "d_term": update.d_term}
+
+
+def evaluate_online(run, agent, task, args, rng, buffer, step, state):
+    """An online progress.csv row, with the last training episode's R (x100) beside the evaluation's score."""
+    resume = checkpoint(agent, "online", step, buffer, **state)
+    score = "" if state["R_current"] is None else 100 * state["R_current"]
+    extra = dict(env_steps=step, episode_normalized_return=score)
+    log_evaluation(run, agent, task, args, rng, "online", step, state["alpha_online"], resume, task.env, **extra)
 
 
 def finetune(agent, buffer, args, run, task, rng, state):
     """Algorithm 1, lines 13-25: G gradient steps per environment step, alpha_online from Eq. 2 per episode."""
     alpha_online, R_last, R_current = state["alpha_online"], state["R_last"], state["R_current"]
-    alpha, means = torch.tensor(alpha_online, device=agent.device), run.means
+    # The BC weight lives in a device tensor that the gradient step reads: Eq. 2 changes it in place, without a
+    # host-device synchronization or a recompilation of the compiled step.
+    bc_weight = torch.tensor(alpha_online, device=agent.device)
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
     moving_average = args.r_last_smoothing if args.r_last == "moving-average" else None  # main.py:227
+    gains = dict(kp=args.kp, kd=args.kd, target_return=args.target_return, alpha_max=args.alpha_online_max)
+    if state.get("evaluation_due"):  # a stop signal cut this evaluation short: redo it
+        evaluate_online(run, agent, task, args, rng, buffer, state["step"], state)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
@@ -532,67 +566,29 @@ def finetune(agent, buffer, args, run, task, rng, state):
             action = np.clip(action.cpu().numpy() + rng.normal(0.0, noise_std), low, high)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
-            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
+            obs = next_obs
+            episode_return += float(reward)
+            episode_length += 1
             for _ in range(args.utd):
-                means.add(agent.update(buffer.sample(args.batch_size), alpha, args.num_min_critics))
-            if terminated or truncated:  # Eq. 2, logged with its inputs so that a row can be checked by hand
+                run.means.add(agent.update(buffer.sample(args.batch_size), bc_weight, args.num_min_critics))
+            if terminated or truncated:  # Eq. 2
                 R_current = task.normalized(episode_return)
-                new_alpha, new_R_last, p_term, d_term = adapt_alpha(
-                    alpha_online,
-                    R_current,
-                    R_last,
-                    kp=args.kp,
-                    kd=args.kd,
-                    target_return=args.target_return,
-                    alpha_max=args.alpha_online_max,
-                    moving_average=moving_average,
-                    episode_length=episode_length if args.scale_by_episode_length else 1,
-                )
-                run.logs["episodes"].write(
-                    {
-                        "step": step,
-                        "length": episode_length,
-                        "return": episode_return,
-                        "R_current": R_current,
-                        "R_last": R_last,
-                        "p_term": p_term,
-                        "d_term": d_term,
-                        "alpha": new_alpha if args.adaptive_bc else alpha_online,
-                    }
+                length = episode_length if args.scale_by_episode_length else 1
+                update = adapt_alpha(
+                    alpha_online, R_current, R_last, **gains, moving_average=moving_average, episode_length=length
                 )
                 if args.adaptive_bc:
-                    alpha_online, R_last = new_alpha, new_R_last
-                    alpha.fill_(alpha_online)
-
+                    alpha_online = update.alpha_online
+                    bc_weight.fill_(alpha_online)
+                row = episode_row(step, episode_length, episode_return, R_current, R_last, update, alpha_online)
+                run.logs["episodes"].write(row if args.adaptive_bc else dict(row, p_term="", d_term=""))
+                R_last = update.R_last  # also without adaptation, so the logged R_last stays what Eq. 2 would see
+            state = dict(alpha_online=alpha_online, R_last=R_last, R_current=R_current)
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(
-                    run,
-                    agent,
-                    task,
-                    args,
-                    "online",
-                    step,
-                    alpha_online,
-                    means,
-                    env_steps=step,
-                    episode_normalized_return="" if R_current is None else 100 * R_current,
-                )
+                evaluate_online(run, agent, task, args, rng, buffer, step, state)
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
             if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
-                run.save_latest(
-                    dict(
-                        phase="online",
-                        step=step,
-                        alpha_online=alpha_online,
-                        R_last=R_last,
-                        R_current=R_current,
-                        agent=agent.state_dict(),
-                        num_updates=agent.num_updates,
-                        buffer=buffer.state_dict(),
-                    ),
-                    rng,
-                    env,
-                )
+                run.save_latest(checkpoint(agent, "online", step, buffer, **state), rng, env)
             if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
@@ -605,55 +601,43 @@ NETWORK_KEYS = ["hidden_dim", "hidden_layers", "activation", "num_critics", "cri
 
 def main(args: Args):
     pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
-    if pretrained is not None:
-        check_args(args)  # again: the settings taken from the pre-training run must fit the other flags
     task = open_task(args)
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
-    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
-        args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
-    if args.alpha_online is None:
-        args.alpha_online = min(args.alpha_offline, args.alpha_online_max)
-    kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)
-    args.buffer_size = args.buffer_size or max(args.online_steps, kept)
+    dataset_size = len(data["rewards"])
+    resolve_defaults(args, task.env_name, task.dataset_name, dataset_size)
+    check_args(args)  # again: the resolved values, and those taken over from a pre-training run
+    kept = num_kept(dataset_size, args.keep_ratio, args.keep_min)
     if args.buffer_size < kept:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
-    run = open_run(
-        args,
-        METHOD,
-        task,
-        dataset_transitions=len(data["rewards"]),
-        offline_kept=kept,
-        pretrained_from=pretrained and pretrained["path"],
-    )
+    pretrained_from = pretrained and pretrained["path"]
+    info = dict(dataset_transitions=dataset_size, offline_kept=kept, pretrained_from=pretrained_from)
+    run = open_run(args, METHOD, task, **info)
 
     device, rng = pick_device(args.device), seed_everything(args.seed)
-    space = task.env.action_space
-    agent = Agent(data["obs"].shape[1], space.shape[0], space.low, space.high, args, device)
+    obs_dim, space = data["obs"].shape[1], task.env.action_space
+    agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
     if args.compile:
         compile_step(agent)
-    run.describe_actor(
-        "Actor",
-        obs_dim=data["obs"].shape[1],
-        act_dim=space.shape[0],
-        action_low=space.low.tolist(),
-        action_high=space.high.tolist(),
-        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
-    )
+    net = dict(hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, activation=args.activation)
+    bounds = dict(action_low=space.low.tolist(), action_high=space.high.tolist())
+    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], **bounds, **net)
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent
 
     with run:
         if latest is None or latest["phase"] == "offline":
-            buffer = ReplayBuffer(len(data["rewards"]), data["obs"].shape[1], space.shape[0], device)
+            buffer = ReplayBuffer(dataset_size, obs_dim, space.shape[0], device)
             buffer.add(**data)
             if pretrained is None:
-                pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
+                start = latest["step"] if latest else 0
+                evaluation_due = latest is None or latest.get("evaluation_due", False)
+                pretrain(agent, buffer, args, run, task, rng, start, evaluation_due)
             if args.online_steps > 0:
                 buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
         else:
-            buffer = ReplayBuffer(args.buffer_size, data["obs"].shape[1], space.shape[0], device)
+            buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)
             buffer.load_state_dict(latest["buffer"])
             state = latest
         del data  # the buffer holds the only copy

@@ -341,8 +341,8 @@ def test_actor_keeps_nn_linear_s_init_with_either_critic_init(critic_init):
 # ---------------------------------------------------------------------------------------
 def tiny_agent(**overrides):
     args = m.Args(**{"hidden_dim": 8, "num_critics": 3, "batch_size": 4, **overrides})
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=100)
     m.check_args(args)
-    args.alpha_offline = 0.4
     return m.Agent(2, 1, np.array([-1.0]), np.array([1.0]), args, torch.device("cpu"))
 
 
@@ -550,16 +550,20 @@ def test_every_evaluation_starts_from_the_same_seed():
     agent = SimpleNamespace(actor=actor, device=torch.device("cpu"), num_updates=7)
     task = SimpleNamespace(eval_env=env, normalized=lambda r: r / 1000)
     logged = []
-    run = SimpleNamespace(log_evaluation=lambda *a, **k: logged.append((a, k)))
+    run = SimpleNamespace(log_evaluation=lambda *a, **k: logged.append((a, k)), means=RunningMeans())
     args = SimpleNamespace(eval_episodes=3, seed=0)
-    first = m.evaluate(run, agent, task, args, "online", 20, 0.3, RunningMeans(), env_steps=20, extra=1)
-    second = m.evaluate(run, agent, task, args, "online", 40, 0.3, RunningMeans(), env_steps=40)
-    assert first.tolist() == second.tolist()  # the same policy scores the same at any point of a run
-    assert len(set(first.tolist())) == 3  # but the episodes within one evaluation start differently
-    assert first[0] == rollout(actor, seed=100)  # from seed + 100
-    (phase, step, returns, scores, losses, updates, env_steps), extra = logged[0]
-    assert (phase, step, updates, env_steps, extra, losses) == ("online", 20, 7, 20, {"alpha": 0.3, "extra": 1}, {})
-    assert scores.tolist() == approx((first / 10).tolist())  # 100 x normalized
+    first = m.evaluate(agent, env, 3, seed=100)
+    second = m.evaluate(agent, env, 3, seed=100)
+    assert first.tolist() == second.tolist(), "the same policy scores the same at any point of a run"
+    assert len(set(first.tolist())) == 3, "the episodes within one evaluation start differently"
+    assert first[0] == rollout(actor, seed=100), "the first episode starts from the seed given"
+    rng = np.random.default_rng(0)
+    logged_returns = m.log_evaluation(run, agent, task, args, rng, "online", 20, 0.3, {}, env_steps=20, extra=1)
+    assert logged_returns.tolist() == first.tolist(), "log_evaluation evaluates from seed + 100"
+    (phase, step, returns, scores, losses, updates), extra = logged[0]
+    assert (phase, step, updates, losses) == ("online", 20, 7, {})
+    assert extra == {"alpha": 0.3, "env_steps": 20, "extra": 1}
+    assert scores.tolist() == approx((first / 10).tolist()), "scores are 100 x normalized"
 
 
 def test_running_means_average_each_key_over_its_own_count():
@@ -578,6 +582,8 @@ def test_running_means_average_each_key_over_its_own_count():
 # ---------------------------------------------------------------------------------------
 def resolved(*flags):
     args = parse_args(m.Args, m.METHOD, [str(f) for f in flags])
+    m.check_args(args)
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=1000)
     m.check_args(args)
     return args
 
@@ -625,7 +631,7 @@ def test_paper_defaults_and_authors_code_resolution():
     assert resolved("--target-return", 0).target_return == 0 and resolved("--target-return", 2).target_return == 2
 
 
-GAMMA_AND_TARGET = "--gamma must be in [0, 1] and --target-return (a fraction, 1 = expert) in [0, 2]"
+TARGET = "--target-return (a fraction, 1 = expert) must be in [0, 2]"
 
 
 @pytest.mark.parametrize(
@@ -633,8 +639,10 @@ GAMMA_AND_TARGET = "--gamma must be in [0, 1] and --target-return (a fraction, 1
     [
         (["--target-return", "nan"], "--target-return must be finite, got nan"),
         (["--target-return", "inf"], "--target-return must be finite, got inf"),
-        (["--target-return", "-0.5"], f"{GAMMA_AND_TARGET}, got 0.99 and -0.5"),
-        (["--target-return", "3"], f"{GAMMA_AND_TARGET}, got 0.99 and 3.0"),
+        (["--target-return", "-0.5"], f"{TARGET}, got -0.5"),
+        (["--target-return", "3"], f"{TARGET}, got 3.0"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+        (["--num-min-critics-offline", "11"], "--num-min-critics-offline M=11 exceeds --num-critics N=10"),
         (["--batch-size", "0"], "--batch-size must be positive, got 0"),
         (["--offline-steps", "-5"], "--offline-steps must be positive, got -5"),
         (["--online-steps", "-1"], "--online-steps must be non-negative, got -1"),
@@ -939,18 +947,49 @@ def test_load_offline_checks_m_against_the_pre_trained_n(paired, datasets_path, 
         "--output-dir",
         tmp_path,
     )
-    assert status == 2 and lines == ["error: --num-min-critics M=5 exceeds --num-critics N=3"]
-    assert list(tmp_path.iterdir()) == []
+    assert status == 2, "a bad value exits with status 2"
+    assert lines[-1] == "error: --num-min-critics M=5 exceeds --num-critics N=3", "one line says what is wrong"
+    assert not [line for line in lines if "Traceback" in line], "no traceback"
+    assert list(tmp_path.iterdir()) == [], "no run folder"
 
 
 # ---------------------------------------------------------------------------------------
 # In-process runs: walker2d-random, R_last's start, a diverging run
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "env, dataset, alpha_offline",
+    [("walker2d", "random", 100.0), ("walker2d", "medium", 0.4), ("hopper", "random", 0.4)]
+    + [("walker2d", "uniform-random", 0.4), ("walker2d", "uniform-random-300steps", 0.4)],
+)
+def test_alpha_offline_is_100_on_d4rls_walker2d_random_only(env, dataset, alpha_offline):
+    args = m.Args()
+    m.resolve_defaults(args, env, dataset, dataset_size=1000)
+    assert args.alpha_offline == alpha_offline, f"alpha_offline on {env}-{dataset}"
+    assert args.alpha_online == 0.4, "alpha_online starts at min(alpha_offline, alpha_online_max = 0.4)"
+
+
+def test_pretraining_draws_a_random_pair_where_fine_tuning_takes_the_min_over_all_critics():
+    # redq_bc.py:141 (the authors' code): the min over all critics only while fine-tuning.
+    args = m.Args(num_min_critics=10)
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=1000)
+    assert args.num_min_critics_offline == 2, "M = N: pre-training keeps a random pair"
+    args = m.Args(num_min_critics=10, min_over_all_offline=True)
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=1000)
+    assert args.num_min_critics_offline == 10, "--min-over-all-offline: M = N in both phases"
+    args = m.Args(num_min_critics=3)
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=1000)
+    assert args.num_min_critics_offline == 3, "M < N: the same M in both phases"
+
+
 def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(tmp_path, monkeypatch):
     # main.py:55-57: `if args.env == "walker2d-random-v0": args.alpha = 100; args.alpha_finetune = 0.4`.
     # --kp 1 --target-return 0 make every episode's P term push alpha far above 0.4, so the cap shows.
+    # The local uniform-random build is not D4RL's walker2d-random: --alpha-offline 100 is given here, and
+    # test_alpha_offline_is_100_on_d4rls_walker2d_random_only checks the default.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     run_dir = in_process(
+        "--alpha-offline",
+        100,
         "--env",
         "walker2d",
         "--dataset",
