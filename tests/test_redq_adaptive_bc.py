@@ -10,6 +10,7 @@ import math
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1171,3 +1172,43 @@ def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(dataset
     final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
     final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
     assert_same_state(final_a, final_b, where=f"seed {seed}")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(datasets_path, tmp_path):
+    # Evaluations of 150 episodes every 5 gradient steps: the run spends nearly all its time evaluating, so a
+    # SIGTERM sent after the first row lands in the evaluation at step 5 (latest.pt says which).
+    flags = [*RESUMABLE[:4], "--offline-steps", 10, "--online-steps", 0, "--eval-every", 5, "--eval-episodes", 150]
+    flags += ["--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32]
+    stopped = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "b")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tmp_path.glob("b/*/progress.csv"))) == 0:
+        time.sleep(0.05)
+    (run_b,) = (tmp_path / "b").iterdir()
+    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < 1:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sent = time.time()
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=60)
+    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
+    assert stopped.returncode == 143, err
+    assert "Traceback" not in err
+    state = latest_state(run_b)
+    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
+    assert state["step"] == 5, "the state saved is the one before the evaluation at step 5"
+    assert len(read_csv(run_b / "progress.csv")) == 1, "the cut evaluation wrote no row"
+    resumed = start(datasets_path, tmp_path, "--resume", run_b)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    uninterrupted = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "a")
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    (run_a,) = (tmp_path / "a").iterdir()
+    same = [c for c in m.COLUMNS if c not in TIMINGS]
+    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
+    assert [(r["phase"], r["step"]) for r in rows_b] == [("offline", "0"), ("offline", "5"), ("offline", "10")]
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
+    final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
+    assert_same_state(final_a, final_b, where="after a stopped evaluation")
