@@ -169,7 +169,8 @@ def main():
     random.seed(0)
 
     args = m.Args(num_critics=opts.num_critics, batch_size=opts.batch_size, hidden_dim=opts.hidden_dim)
-    args.alpha_offline, args.delay_target_updates = 0.4, False
+    m.resolve_defaults(args, "hopper", "medium", dataset_size=100_000)
+    args.delay_target_updates = False  # targets every step: the same work as the plain implementation
     buffer = m.ReplayBuffer(100_000, OBS_DIM, ACT_DIM, device)
     n = buffer.capacity
     buffer.add(
