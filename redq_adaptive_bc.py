@@ -187,6 +187,7 @@ def check_args(args: Args) -> None:
         args.hidden_dim,
         args.hidden_layers,
         transitions=max(args.online_steps, args.buffer_size or 0),
+        batch_size=args.batch_size,
     )
 
 
