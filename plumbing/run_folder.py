@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,24 +81,24 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if not disk_full(e):
+        if not disk_full(e, path.parent):
             raise
         raise disk_full_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def disk_full(error: BaseException) -> bool:
-    """ENOSPC or EDQUOT, also as torch.save reports them (its zip writer's RuntimeError names no errno)."""
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC or EDQUOT; or torch.save's short write (its zip writer's RuntimeError names no errno) with the
+    folder's file system left without room (the half-written temporary file still holds what it took)."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and any(
-        text in str(error) for text in ("unexpected pos", "file write failed", "No space left")
-    )
+    short_write = any(text in str(error) for text in ("unexpected pos", "file write failed"))
+    return isinstance(error, RuntimeError) and short_write and shutil.disk_usage(folder).free < 2**20
 
 
 def disk_full_error(path: Path, error: BaseException) -> UsageError:
-    detail = os.strerror(error.errno) if isinstance(error, OSError) else str(error).strip().splitlines()[0][:80]
+    detail = os.strerror(error.errno if isinstance(error, OSError) else errno.ENOSPC)
     return UsageError(
         f"disk full: no room in {path.parent} for {path.name} ({detail}); the files written before are intact: "
         f"free space there, then continue with --resume {path.parent}"
@@ -141,7 +142,7 @@ class CsvLog:
             self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
             self.file.flush()
         except OSError as e:
-            if not disk_full(e):
+            if not disk_full(e, self.path.parent):
                 raise
             raise disk_full_error(self.path, e) from None
         self.rows += 1
