@@ -81,5 +81,5 @@ def checkpoint_error(error: BaseException) -> str:
             f"refuses to build because unpickling it could run code; this project's checkpoints hold only tensors "
             f"and plain values"
         )
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
+    text = str(error).strip() or ("the file ends early" if isinstance(error, EOFError) else "no details given")
+    return f"{type(error).__name__}: {text.splitlines()[0][:160]}"
