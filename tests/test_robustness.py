@@ -594,6 +594,26 @@ if HOOK == "fill-disk-at-second-latest-pt":  # the disk fills up just before the
         return save(obj, f, *args, **kwargs)
 
     torch.save = filling_save
+if HOOK == "slow-combine":  # medium + expert take minutes to combine at full size: 60 s here, after a mark
+    import minari
+    combine = minari.combine_datasets
+
+    def slow_combine(*args, **kwargs):
+        mark("combine")
+        time.sleep(60)
+        return combine(*args, **kwargs)
+
+    minari.combine_datasets = slow_combine
+if HOOK == "mark-rollouts":  # marks when --export-rollouts starts recording its rollouts
+    import plumbing.recording
+    init = plumbing.recording.EpisodeRecorder.__init__
+
+    def marked_init(self, *args, stoppable=False, **kwargs):
+        if stoppable:
+            mark("rollouts")
+        init(self, *args, stoppable=stoppable, **kwargs)
+
+    plumbing.recording.EpisodeRecorder.__init__ = marked_init
 if HOOK == "erofs":  # no read-only mount could be made: EROFS where the code first writes
     import errno, tempfile
     opened, mkdtemp = os.open, tempfile.mkdtemp
@@ -841,3 +861,61 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_gives_the_same_r
             [(r["phase"], r["step"], r["normalized_score"]) for r in read_progress(d)] for d in (run_dir, reference_dir)
         ]
         assert scores[0] == scores[1], "the same rows and scores"
+
+
+def sigterm_when_marked(proc, marks: Path, name: str):
+    """SIGTERM once the hook marked `name`; returns (CompletedProcess, seconds from the signal to the exit)."""
+    try:
+        wait_for(marks / name, proc)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        result = finish(proc)
+    print(f"{name}: {seconds:.2f} s from SIGTERM to exit")  # shown with pytest -s
+    return result, seconds
+
+
+def test_sigterm_while_medium_expert_is_combined_stops_at_once(tmp_path):
+    """D4RL's medium-expert recipe combines two Minari datasets in one library call; the hook makes it last 60 s
+    (at full size it takes minutes), so the signal lands inside it: exit 143 within 5 s, the sources untouched,
+    no combined dataset, no staging folder, no run folder."""
+    root, runs = tmp_path / "datasets", tmp_path / "runs"
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        for name in ("medium", "expert"):
+            make_minari_dataset(f"mujoco/hopper/{name}-v0", hopper_episodes(2, 20), env_id="Hopper-v5", **spaces(11, 3))
+    finally:
+        del os.environ["MINARI_DATASETS_PATH"]
+    before = snapshot(root)
+    command = (MAIN, "--dataset", "medium-expert", "--output-dir", runs)
+    proc, marks = start_hooked("slow-combine", tmp_path, *command, datasets_path=root, cwd=tmp_path)
+    result, seconds = sigterm_when_marked(proc, marks, "combine")
+    assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "stopped by SIGTERM: dataset local/hopper/medium-expert-v0 was not finished and nothing of it was kept; "
+        "the next run obtains it again"
+    )
+    assert snapshot(root) == before and no_run_folder(runs)
+
+
+def test_sigterm_during_export_rollouts_stops_at_once_and_writes_no_dataset(tmp_path):
+    """baselines/redq.py --export-rollouts with 10**6 rollout steps after a tiny training run: SIGTERM once the
+    rollouts began (the hook marks it) ends them within 5 s, with no dataset and no staging folder left."""
+    root, runs = tmp_path / "datasets", tmp_path / "runs"
+    flags = ["--online-steps", 120, "--learning-starts", 100, "--eval-every", 60, "--eval-episodes", 1]
+    flags += ["--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32, "--output-dir", runs]
+    flags += ["--export-rollouts", "local/hopper/rollouts-v0", "--rollout-steps", 10**6]
+    proc, marks = start_hooked("mark-rollouts", tmp_path, "baselines/redq.py", *flags, datasets_path=root, cwd=tmp_path)
+    result, seconds = sigterm_when_marked(proc, marks, "rollouts")
+    assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "stopped by SIGTERM: the recording stopped before it was written: no dataset was made"
+    )
+    assert not root.exists() or list(root.rglob("*")) == [], "no dataset, no staging folder"
+    (run_dir,) = runs.iterdir()
+    assert (run_dir / "final.pt").is_file() and (run_dir / "actor.pt").is_file(), "the run itself had finished"
