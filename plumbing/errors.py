@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import sys
 import threading
 
 
@@ -56,19 +57,33 @@ def stop_raises(note: str):
         return
 
     def raise_now(signum, frame):
-        stop_requested.append(signum)
-        raise Preempted(signum, note)
+        if signum != signal.SIGALRM:
+            stop_requested.append(signum)
+        raise Preempted(stop_requested[0], note)
+
+    def unraisable(info):
+        """Raised inside a weakref callback or a destructor, where Python only prints it: raise it again 10 ms
+        later (SIGALRM), silently."""
+        if isinstance(info.exc_value, Preempted):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+        else:
+            previous_hook(info)
 
     if stop_requested:
         raise Preempted(stop_requested[0], note)
-    for signum in STOP_SIGNALS:
+    previous_hook, previous_alarm = sys.unraisablehook, signal.getsignal(signal.SIGALRM)
+    sys.unraisablehook = unraisable
+    for signum in (*STOP_SIGNALS, signal.SIGALRM):
         signal.signal(signum, raise_now)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
         for signum in STOP_SIGNALS:
             signal.signal(signum, request_stop)
-    if stop_requested:  # raised inside a destructor or callback, where Python only prints an exception
+        sys.unraisablehook = previous_hook
+    if stop_requested:  # a stop that came as the work ended
         raise Preempted(stop_requested[0], note)
 
 

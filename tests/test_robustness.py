@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -919,3 +920,37 @@ def test_sigterm_during_export_rollouts_stops_at_once_and_writes_no_dataset(tmp_
     assert not root.exists() or list(root.rglob("*")) == [], "no dataset, no staging folder"
     (run_dir,) = runs.iterdir()
     assert (run_dir / "final.pt").is_file() and (run_dir / "actor.pt").is_file(), "the run itself had finished"
+
+
+def test_a_stop_signal_swallowed_by_a_weakref_callback_is_raised_again(capsys):
+    """In process, as run_main sets the handlers: a SIGTERM whose Preempted is raised inside a weakref callback
+    (where Python only prints an exception; h5py's writes run such callbacks) is raised again in the main flow
+    within a moment (a 10 ms SIGALRM retry), and nothing is printed."""
+    from plumbing.errors import STOP_SIGNALS, Preempted, request_stop, stop_raises, stop_requested
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+    stop_requested.clear()
+
+    class Referent:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs here, inside the callback
+            pass
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(Preempted) as stopped, stop_raises("a note"):
+            referent = Referent()
+            ref = weakref.ref(referent, callback)  # noqa: F841 - kept alive so its callback runs
+            del referent
+            time.sleep(5)  # the retry interrupts this
+        assert time.monotonic() - started < 2, "raised again at once, not after the sleep"
+        assert (stopped.value.signum, stopped.value.note) == (signal.SIGTERM, "a note")
+        assert "Exception ignored" not in capsys.readouterr().err, "nothing printed"
+        assert signal.getsignal(signal.SIGTERM) is request_stop, "the handlers are restored"
+    finally:
+        stop_requested.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
