@@ -191,7 +191,8 @@ def check_args(args: Args) -> None:
     if args.target_return is not None and not 0 <= args.target_return <= 2:
         raise UsageError(f"--target-return (a fraction, 1 = expert) must be in [0, 2], got {args.target_return}")
     transitions = max(args.online_steps, args.buffer_size or 0)
-    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers, transitions=transitions)
+    size = (args.num_critics + 1, args.hidden_dim, args.hidden_layers)
+    check_run_size(*size, transitions=transitions, batch_size=args.batch_size)
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------

@@ -149,7 +149,11 @@ def check_args(args: Args) -> None:
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
     check_run_size(
-        args.num_critics + 2, args.hidden_dim, max(args.hidden_layers, args.actor_hidden_layers), args.online_steps
+        args.num_critics + 2,
+        args.hidden_dim,
+        max(args.hidden_layers, args.actor_hidden_layers),
+        args.online_steps,
+        batch_size=args.batch_size,
     )
     if not args.normalize_weights and args.max_weight is None:
         raise UsageError("--no-normalize-weights needs --max-weight: raw exp(A/lambda) overflows without a clip")

@@ -177,6 +177,7 @@ def check_args(args: Args) -> None:
         max(args.hidden_dim, args.ratio_hidden_dim),
         args.hidden_layers,
         transitions=0,
+        batch_size=max(args.batch_size, args.ratio_batch_size),
     )  # the buffers are checked against the dataset's size later
     if args.priority_min >= args.priority_max:
         raise UsageError(f"--priority-min {args.priority_min} must be below --priority-max {args.priority_max}")

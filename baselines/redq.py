@@ -158,7 +158,13 @@ def check_args(args: Args) -> None:
         )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    check_run_size(args.num_critics + 1, args.hidden_dim, args.hidden_layers, args.buffer_size or args.online_steps)
+    check_run_size(
+        args.num_critics + 1,
+        args.hidden_dim,
+        args.hidden_layers,
+        args.buffer_size or args.online_steps,
+        batch_size=args.batch_size,
+    )
     choose_reference_scores(args.env, args.ref_min_score, args.ref_max_score)  # rejects min >= max
     # An id that cannot be written fails now, not after a day of training (a finished run wrote them itself).
     finished = args.resume is not None and (Path(args.resume) / "final.pt").exists()
@@ -395,7 +401,7 @@ def evaluate(run, agent, task, args, step, means, **extra) -> float:
 @torch.no_grad()
 def rollout(actor, env, num_steps, noise_std, rng, device, seed) -> EpisodeRecorder:
     """D4RL's medium/expert recipe: num_steps steps of the policy, episode after episode."""
-    trajectories = EpisodeRecorder(num_steps, env.observation_space, env.action_space)
+    trajectories = EpisodeRecorder(num_steps, env.observation_space, env.action_space, stoppable=True)
     noise_std = noise_std * (env.action_space.high - env.action_space.low) / 2
     obs, _ = env.reset(seed=seed)
     with progress_bar(num_steps, desc="rollouts", unit="step") as bar:

@@ -153,7 +153,13 @@ def check_args(args: Args) -> None:
     )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    check_run_size(NUM_CRITICS + 1, args.hidden_dim, args.hidden_layers, args.online_steps + (args.buffer_size or 0))
+    check_run_size(
+        NUM_CRITICS + 1,
+        args.hidden_dim,
+        args.hidden_layers,
+        args.online_steps + (args.buffer_size or 0),
+        batch_size=args.batch_size,
+    )
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------

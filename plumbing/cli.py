@@ -49,7 +49,7 @@ class RunArgs:
     """evaluate every this many gradient steps offline / environment steps online (default 5,000, the paper's; with
     --load-offline: the pre-training run's number, then counted in environment steps)"""
     eval_episodes: int | None = None
-    """episodes per evaluation (default 10, the paper's; with --load-offline: the pre-training run's)"""
+    """episodes per evaluation (default 10, the paper's, at most 10,000; with --load-offline: the pre-training run's)"""
     load_offline: str | None = None
     """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     random_dataset_steps: int = 1_000_000
@@ -162,6 +162,9 @@ def check_ranges(args, positive=(), non_negative=(), fraction=(), finite=()) -> 
                 raise UsageError(f"{flag(name)} must be {rule}, got {value}")
 
 
+MAX_EVAL_EPISODES = 10_000
+
+
 def check_run_args(args) -> None:
     """The checks of RunArgs's flags."""
     check_ranges(
@@ -169,6 +172,8 @@ def check_run_args(args) -> None:
         positive=["eval_every", "eval_episodes", "random_dataset_steps", "checkpoint_every", "checkpoint_minutes"],
         finite=["ref_min_score", "ref_max_score"],
     )
+    if args.eval_episodes > MAX_EVAL_EPISODES:  # 10,000 episodes of 1000 steps take hours: more is a typo
+        raise UsageError(f"--eval-episodes must be at most {MAX_EVAL_EPISODES:,}, got {args.eval_episodes}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.device == "cuda":
@@ -197,12 +202,13 @@ def run_main(main, Args, method: str, check, description: str = "") -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFinished as e:
-        print(f"{e} has finished already (final.pt): nothing to resume", file=sys.stderr)
+        completed = f"; completed its finish step ({', '.join(e.done)})" if e.done else ""
+        print(f"{e} has finished already (final.pt): nothing to resume{completed}", file=sys.stderr)
     except TrainingDiverged as e:
         print(f"error: {e}; stopped. progress.csv and the checkpoints written before are kept.", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:
-        print(f"stopped by {e}: latest.pt is saved; continue with --resume <run folder>", file=sys.stderr)
+        print(f"stopped by {e}: {e.note or 'latest.pt is saved; continue with --resume <run folder>'}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted: progress.csv and the checkpoints written so far are kept.", file=sys.stderr)

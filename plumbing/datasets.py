@@ -23,7 +23,7 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 
-from plumbing.errors import UsageError
+from plumbing.errors import Preempted, UsageError, stop_raises, stop_requested
 from plumbing.runtime import progress_bar
 
 ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
@@ -41,7 +41,10 @@ STAGING = ".staging"
 
 
 def datasets_root() -> Path:
-    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"MINARI_DATASETS_PATH={root} is not a folder; point it at the folder that holds datasets")
+    return root
 
 
 def dataset_path(dataset_id: str) -> Path:
@@ -120,6 +123,7 @@ def obtain_dataset(dataset_id: str) -> None:
 
     parts = dataset_id.split("/")
     env_name, name = (parts[1] if len(parts) == 3 else None), parts[-1]
+    check_datasets_root(dataset_id)
     random_recipe = re.fullmatch(r"random(?:-([1-9]\d*)steps)?-v0", name)
     if parts[0] != "local":
         download_dataset(dataset_id)
@@ -155,7 +159,7 @@ def download_dataset(dataset_id: str) -> None:
     try:
         with staged_dataset(dataset_id):
             minari.download_dataset(dataset_id)
-    except UsageError:
+    except (UsageError, Preempted):
         raise
     except Exception as e:  # no network, unknown id, server error: all end the same way
         raise UsageError(
@@ -165,18 +169,34 @@ def download_dataset(dataset_id: str) -> None:
         ) from None
 
 
+def check_datasets_root(dataset_id: str) -> None:
+    """A dataset about to be downloaded or built can be written into the datasets root: checked before the work
+    (a read-only root would otherwise fail after it)."""
+    root = datasets_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}-{socket.gethostname()}-{os.getpid()}-"))
+    except OSError as e:
+        raise UsageError(
+            f"dataset {dataset_id} is not in {root} and cannot be written there ({e.strerror}); "
+            f"set MINARI_DATASETS_PATH to a writable folder, or copy the dataset there"
+        ) from None
+
+
 @contextlib.contextmanager
 def staged_dataset(dataset_id: str):
     """Write a dataset in a scratch folder and move it into place only once complete, so an interrupted
-    download or build never leaves a half-written dataset. Scratch folders of dead builds are removed."""
+    download or build never leaves a half-written dataset. Scratch folders of dead builds are removed.
+    A stop signal ends the work inside at once (Preempted): the scratch folder goes, nothing else changes."""
     root = datasets_root()
-    root.mkdir(parents=True, exist_ok=True)
+    check_datasets_root(dataset_id)
     remove_dead_staging(root)
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING}-{socket.gethostname()}-{os.getpid()}-"))
     (scratch / dataset_id).parent.mkdir(parents=True, exist_ok=True)
     os.environ["MINARI_DATASETS_PATH"] = str(scratch)
     try:
-        yield
+        with stop_raises(stopped_note(dataset_id)):
+            yield
         (root / dataset_id).parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(scratch / dataset_id, root / dataset_id)
@@ -210,8 +230,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def stopped_note(dataset_id: str) -> str:
+    return f"dataset {dataset_id} was not finished and nothing of it was kept; the next run obtains it again"
+
+
 def build_random_dataset(dataset_id: str, env_id: str, num_steps: int, seed: int = 0) -> None:
-    """D4RL's random recipe: a uniform random policy for num_steps steps, stored episode by episode."""
+    """D4RL's random recipe: a uniform random policy for num_steps steps, stored episode by episode.
+    A stop signal (SIGTERM, SIGUSR1) ends it within a step: Preempted, nothing written."""
     from minari.data_collector import EpisodeBuffer
 
     env = gym.make(env_id)
@@ -223,6 +248,8 @@ def build_random_dataset(dataset_id: str, env_id: str, num_steps: int, seed: int
             ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
             terminated = truncated = False
             while not (terminated or truncated) and steps < num_steps:
+                if stop_requested:
+                    raise Preempted(stop_requested[0], stopped_note(dataset_id))
                 action = env.action_space.sample()
                 obs, reward, terminated, truncated, _ = env.step(action)
                 for key, value in zip(ep, (obs, action, reward, terminated, truncated)):

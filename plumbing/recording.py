@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from plumbing.datasets import write_dataset
+from plumbing.errors import Preempted, stop_requested
 
 
 class EpisodeRecorder:
@@ -16,7 +17,10 @@ class EpisodeRecorder:
 
     FIELDS = ("obs", "actions", "rewards", "terminations", "truncations")
 
-    def __init__(self, capacity, observation_space, action_space):
+    def __init__(self, capacity, observation_space, action_space, stoppable=False):
+        """stoppable: a recording made only to be written (rollouts), so a stop signal ends it at the next step
+        (Preempted, nothing written); during training the run's checkpoint decides when to stop instead."""
+        self.stoppable = stoppable
         self.obs = np.zeros((capacity, *observation_space.shape), observation_space.dtype)
         self.actions = np.zeros((capacity, *action_space.shape), action_space.dtype)
         self.rewards = np.zeros(capacity)
@@ -25,6 +29,8 @@ class EpisodeRecorder:
         self.next_obs, self.size = None, 0  # the observation after the latest step
 
     def add(self, obs, action, reward, terminated, truncated, next_obs) -> None:
+        if self.stoppable and stop_requested:
+            raise Preempted(stop_requested[0], "the recording stopped before it was written: no dataset was made")
         i = self.size
         self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
         self.terminations[i], self.truncations[i] = terminated, truncated

@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import json
 import math
 import os
 import platform
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing.errors import Preempted, RunFinished, TrainingDiverged, UsageError, stop_requested
+from plumbing.datasets import process_alive
+from plumbing.errors import Preempted, RunFinished, TrainingDiverged, UsageError, checkpoint_error, stop_requested
 from plumbing.tracking import Tracker
 
 # Every key of a progress.csv row, in order, for every method (docs/adding-a-method.md).
@@ -58,14 +62,47 @@ def private_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+PRIVATE_TMP = re.compile(r"\..+\.(\d+)\.tmp")  # private_tmp's names: the pid of the writer
+
+
+def remove_dead_writers_files(folder: Path) -> None:
+    """The temporary files of writers killed mid-write (each as large as the file it was replacing), kept only
+    while their process on this host lives. Called with the folder's lock held, so no live run writes here."""
+    for path in folder.glob(".*.tmp"):
+        match = PRIVATE_TMP.fullmatch(path.name)
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename: a reader never sees a half-written file."""
+    """write(tmp_path), then rename: a reader never sees a half-written file, and a full disk keeps the old one."""
     tmp = private_tmp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e, path.parent):
+            raise
+        raise disk_full_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC or EDQUOT; or torch.save's short write (its zip writer's RuntimeError names no errno) with the
+    folder's file system left without room (the half-written temporary file still holds what it took)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    short_write = any(text in str(error) for text in ("unexpected pos", "file write failed"))
+    return isinstance(error, RuntimeError) and short_write and shutil.disk_usage(folder).free < 2**20
+
+
+def disk_full_error(path: Path, error: BaseException) -> UsageError:
+    detail = os.strerror(error.errno if isinstance(error, OSError) else errno.ENOSPC)
+    return UsageError(
+        f"disk full: no room in {path.parent} for {path.name} ({detail}); the files written before are intact: "
+        f"free space there, then continue with --resume {path.parent}"
+    )
 
 
 def save_torch(path: Path, obj) -> None:
@@ -80,8 +117,7 @@ def load_torch(path: Path, what: str) -> dict:
             raise ValueError("not a checkpoint dictionary")
         return obj
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UsageError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
+        raise UsageError(f"{what}: {path} is not a readable checkpoint ({checkpoint_error(e)})") from None
 
 
 class CsvLog:
@@ -98,11 +134,17 @@ class CsvLog:
         atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
         self.path, self.rows, self.echo, self.tracker = path, len(lines) - 1, echo, tracker
         self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
+        # "\n" as the header and the rows kept by --resume (read back with universal newlines) end
+        self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="", lineterminator="\n")
 
     def write(self, row: dict) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.file.flush()
+        try:
+            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.file.flush()
+        except OSError as e:
+            if not disk_full(e, self.path.parent):
+                raise
+            raise disk_full_error(self.path, e) from None
         self.rows += 1
         if self.echo and not sys.stderr.isatty():
             print(" ".join(f"{k}={fmt(row[k])}" for k in self.echo if k in row), file=sys.stderr, flush=True)
@@ -110,7 +152,8 @@ class CsvLog:
             self.tracker.log(self.path.stem, row)
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk was reported when the row was written
+            self.file.close()
 
 
 def fmt(value) -> str:
@@ -156,8 +199,9 @@ class RunFolder:
         """An existing run folder (--resume), with its latest.pt state (None: start again from the beginning)."""
         path = Path(path)
         if (path / "final.pt").exists():
-            raise RunFinished(path)
+            raise RunFinished(path, complete_finish(path))
         lock(path)
+        remove_dead_writers_files(path)
         config = json.loads((path / "config.json").read_text())
         latest = load_torch(path / "latest.pt", "--resume") if (path / "latest.pt").exists() else None
         if latest is not None and not {"phase", "step", "logs", "wall_s", "rng"} <= latest.keys():
@@ -269,7 +313,9 @@ class RunFolder:
         )
 
     def finish(self, agent: dict, actor: dict) -> None:
-        """final.pt (the whole agent) and actor.pt (the policy alone), then latest.pt is no longer needed."""
+        """final.pt (the whole agent; from here on the run is finished), then actor.pt (the policy alone), then
+        latest.pt is no longer needed. A process killed after final.pt leaves the rest to --resume
+        (complete_finish), which writes the same files from final.pt."""
         save_torch(self.path / "final.pt", {"agent": agent, "meta": self.meta()})
         save_torch(self.path / "actor.pt", {"actor": actor, "meta": self.meta()})
         (self.path / "latest.pt").unlink(missing_ok=True)
@@ -285,6 +331,29 @@ class RunFolder:
             log.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def complete_finish(path: Path) -> list[str]:
+    """--resume of a finished run (final.pt): do what a process killed inside RunFolder.finish left undone
+    (actor.pt from final.pt's agent, the stale latest.pt and dead writers' temporary files removed); returns
+    what was done. A run that finished cleanly is not touched (not even locked: it may be on a read-only mount)."""
+    stale = [p for p in path.glob(".*.tmp") if PRIVATE_TMP.fullmatch(p.name)]
+    if (path / "actor.pt").exists() and not (path / "latest.pt").exists() and not stale:
+        return []
+    lock(path)
+    done = []
+    if not (path / "actor.pt").exists():
+        final = load_torch(path / "final.pt", "--resume")
+        agent = final.get("agent")
+        if not isinstance(agent, dict) or not isinstance(agent.get("actor"), dict) or "meta" not in final:
+            raise UsageError(f"--resume: {path / 'final.pt'} holds no agent with an actor to write actor.pt from")
+        save_torch(path / "actor.pt", {"actor": agent["actor"], "meta": final["meta"]})
+        done.append("wrote actor.pt from final.pt")
+    if (path / "latest.pt").exists():
+        (path / "latest.pt").unlink()
+        done.append("removed the stale latest.pt")
+    remove_dead_writers_files(path)
+    return done
 
 
 def open_run(args, method: str, task, **info) -> RunFolder:
@@ -395,7 +464,13 @@ DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps"]
 def lock(path: Path) -> None:
     """One writer per run folder: an exclusive flock on <run>/.lock, held until this process exits
     (the kernel drops it when the process dies, so a killed run never blocks a later --resume)."""
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only mount, or a folder of another user
+        raise UsageError(
+            f"{path} cannot be written ({e.strerror}: {path / '.lock'}); a run continues only in a writable folder: "
+            f"copy it somewhere writable and --resume the copy"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -420,12 +495,23 @@ def check_output_dir(output_dir) -> None:
         raise UsageError(f"--output-dir {output_dir} cannot hold run folders ({existing} {what})")
 
 
-def check_run_size(num_networks: int, hidden_dim: int, hidden_layers: int, transitions: int) -> None:
+def check_run_size(
+    num_networks: int, hidden_dim: int, hidden_layers: int, transitions: int, batch_size: int = 0
+) -> None:
     """A rough upper bound of what a run allocates, checked before any work: num_networks MLPs (weights,
-    Adam's two moments and a target copy) and a replay buffer of Ant-v5-sized transitions, the largest of
-    the four tasks (s, a, r, s', terminal: 2 x 105 + 8 + 2 floats)."""
+    Adam's two moments and a target copy), a replay buffer of Ant-v5-sized transitions, the largest of
+    the four tasks (s, a, r, s', terminal: 2 x 105 + 8 + 2 floats), and one sampled batch of them with
+    its int64 indices and what the update keeps for the backward pass (every network's hidden activations
+    and their gradients)."""
     weights = num_networks * hidden_dim * (hidden_dim * hidden_layers + 400)
-    check_memory(4 * (4 * weights + 220 * transitions), "the networks and the replay buffer")
+    stored = 4 * (4 * weights + 220 * transitions)
+    batch = batch_size * (4 * 220 + 8 + 2 * 4 * num_networks * hidden_dim * hidden_layers)
+    what = (
+        "the networks and the replay buffer"
+        if batch <= stored
+        else f"a batch of {batch_size} transitions and its activations"
+    )
+    check_memory(stored + batch, what)
 
 
 def check_memory(nbytes: int, what: str) -> None:

@@ -661,6 +661,8 @@ def test_reopen_a_run(tmp_path):
         RunFolder.reopen(run.path)
     os.close(run_folder.LOCKS.pop())
     (run.path / "final.pt").write_bytes(b"")
+    (run.path / "actor.pt").write_bytes(b"")
+    (run.path / "latest.pt").unlink()  # a finish step that completed (test_robustness: one that did not)
     with pytest.raises(cli.RunFinished):
         RunFolder.reopen(run.path)
 
