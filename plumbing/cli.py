@@ -172,7 +172,7 @@ def check_run_args(args) -> None:
         positive=["eval_every", "eval_episodes", "random_dataset_steps", "checkpoint_every", "checkpoint_minutes"],
         finite=["ref_min_score", "ref_max_score"],
     )
-    if args.eval_episodes > MAX_EVAL_EPISODES:  # 10,000 episodes of 1000 steps take hours: more is a typo
+    if (args.eval_episodes or 0) > MAX_EVAL_EPISODES:  # None: from the pre-training run; more is a typo
         raise UsageError(f"--eval-episodes must be at most {MAX_EVAL_EPISODES:,}, got {args.eval_episodes}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
