@@ -606,7 +606,7 @@ def main(args: Args):
     pretrained = load_pretrained(args, METHOD, NETWORK_KEYS) if args.load_offline else None
     if pretrained is not None:
         check_args(args)  # again: the settings taken from the pre-training run must fit the other flags
-    task = open_task(args)
+    task = open_task(args, target_return=args.target_return)
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
     if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only

@@ -302,6 +302,8 @@ def open_run(args, method: str, task, **info) -> RunFolder:
         "ref_min_score": task.ref[0],
         "ref_max_score": task.ref[1],
         "ref_source": task.ref_source,
+        "dataset_summary": task.summary,  # episodes, returns and the behavior's normalized score, as stored
+        "dataset_source": task.source,  # D4RL's id and URL for converted D4RL data
         **info,
     }
     return RunFolder.create(args.output_dir, f"{task.env_name}-{task.dataset_name}__{method}__{args.seed}", config)

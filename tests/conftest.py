@@ -92,14 +92,14 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def datasets_path(tmp_path_factory):
-    """A MINARI_DATASETS_PATH holding local/hopper/random-400steps-v0, built by the script itself."""
+    """A MINARI_DATASETS_PATH holding local/hopper/uniform-random-400steps-v0, built by the script itself."""
     path = tmp_path_factory.mktemp("minari")
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
         from plumbing.datasets import build_random_dataset
 
-        build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
+        build_random_dataset("local/hopper/uniform-random-400steps-v0", "Hopper-v5", num_steps=400)
     finally:
         if old is None:
             del os.environ["MINARI_DATASETS_PATH"]

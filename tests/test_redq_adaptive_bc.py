@@ -41,7 +41,7 @@ TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
 
 
 def tiny(*extra):
-    return ["--dataset", "random", *TINY, *extra]
+    return ["--dataset", "uniform-random", *TINY, *extra]
 
 
 def in_process(*flags):
@@ -667,7 +667,7 @@ def finished_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
     run_dir, proc = finished_run
-    assert run_dir.name.startswith("hopper-random-400steps__redq_adaptive_bc__0__")
+    assert run_dir.name.startswith("hopper-uniform-random-400steps__redq_adaptive_bc__0__")
     assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == {
         "config.json",
         "progress.csv",
@@ -677,7 +677,7 @@ def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
         "actor.pt",
     }
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_id"] == "local/hopper/random-400steps-v0" and config["method"] == "redq_adaptive_bc"
+    assert config["dataset_id"] == "local/hopper/uniform-random-400steps-v0" and config["method"] == "redq_adaptive_bc"
     assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (*HOPPER_REF, "D4RL table")
     assert config["alpha_offline"] == 0.4 and config["alpha_online"] == 0.4 and config["offline_kept"] == 100
     assert config["dataset_transitions"] == 400 and config["buffer_size"] == 100  # max(60 online steps, 100 kept)
@@ -863,12 +863,12 @@ def test_load_offline_fine_tunes_exactly_as_the_pretraining_process_would(paired
     config = json.loads((paired.loaded / "config.json").read_text())
     assert config["pretrained_from"] == str(paired.pre / "offline.pt") and config["offline_steps"] == 40
     assert (config["dataset_id"], config["random_dataset_steps"], config["hidden_dim"], config["num_critics"]) == (
-        "local/hopper/random-400steps-v0",
+        "local/hopper/uniform-random-400steps-v0",
         400,
         16,
         3,
     )
-    assert [p.name for p in (Path(datasets_path) / "local" / "hopper").iterdir()] == ["random-400steps-v0"]
+    assert [p.name for p in (Path(datasets_path) / "local" / "hopper").iterdir()] == ["uniform-random-400steps-v0"]
     assert not (paired.loaded / "offline.pt").exists()
 
 
@@ -946,7 +946,7 @@ def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(t
         "--env",
         "walker2d",
         "--dataset",
-        "random",
+        "uniform-random",
         "--random-dataset-steps",
         300,
         "--authors-code",
@@ -1052,7 +1052,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_its_rows(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------
 RESUMABLE = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",
