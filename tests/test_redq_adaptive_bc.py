@@ -28,6 +28,7 @@ from conftest import (
     signal_when,
     spaces,
     start_script,
+    write_d4rl_file,
 )
 from pytest import approx
 
@@ -941,14 +942,16 @@ def test_load_offline_checks_m_against_the_pre_trained_n(paired, datasets_path, 
 def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(tmp_path, monkeypatch):
     # main.py:55-57: `if args.env == "walker2d-random-v0": args.alpha = 100; args.alpha_finetune = 0.4`.
     # --kp 1 --target-return 0 make every episode's P term push alpha far above 0.4, so the cap shows.
+    # The paper's walker2d-random is D4RL's (here a tiny file in D4RL's v0 layout: 301 rows, 300 transitions).
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    (tmp_path / "d4rl").mkdir()
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d_random.hdf5", np.zeros(301, bool), obs_dim=17, act_dim=6)
     run_dir = in_process(
         "--env",
         "walker2d",
         "--dataset",
-        "uniform-random",
-        "--random-dataset-steps",
-        300,
+        "random",
         "--authors-code",
         "--kp",
         1,
@@ -974,7 +977,7 @@ def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(t
         tmp_path / "runs",
     )
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_id"] == "local/walker2d/random-300steps-v0" and config["env_name"] == "walker2d"
+    assert config["dataset_id"] == "local/d4rl/walker2d-random-v0" and config["env_id"] == "Walker2d-v4"
     assert (config["alpha_offline"], config["alpha_online"], config["alpha_online_max"]) == (100.0, 0.4, 0.4)
     # --authors-code's values, with the explicit --utd 1 and --target-return 0 kept; all 300 transitions kept
     # (--authors-code keeps at least 50,000).
