@@ -366,7 +366,7 @@ def load_pretrained(args, method: str, network_keys) -> dict:
 
 
 # The dataset settings --load-offline takes over (its reference scores follow from the dataset as before).
-DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps"]
+DATASET_KEYS = ["env", "dataset", "d4rl_version", "dataset_id", "random_dataset_steps"]
 
 
 def lock(path: Path) -> None:
