@@ -397,9 +397,14 @@ def test_summary_is_computed_from_the_stored_episodes_and_warns_at_r_target(dirs
 
 
 def test_ant_with_a_d4rl_name_is_refused_before_any_work(dirs):
+    from plumbing.cli import RunArgs, check_run_args
+
     with pytest.raises(UsageError, match="not --env ant") as error:
-        datasets.open_task(task_args(env="ant"))
+        check_run_args(RunArgs(env="ant", dataset="medium"))  # with the other flags' checks, before any work
     one_line(error)
+    with pytest.raises(UsageError, match="not --env ant"):
+        datasets.open_task(task_args(env="ant"))
+    check_run_args(RunArgs(env="ant", dataset="uniform-random"))  # a local build on Ant-v5 is fine
 
 
 # ---------------------------------------------------------------------------------------
