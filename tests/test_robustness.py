@@ -229,7 +229,7 @@ def test_parallel_variants_started_together_all_succeed_in_their_own_folders(tmp
         assert proc.returncode == 0, (name, proc.stderr)
     folders = sorted((tmp_path / "runs").iterdir())
     assert len(folders) == 3 and all(
-        f.name.startswith("hopper-random-300steps__redq_adaptive_bc__0__") for f in folders
+        f.name.startswith("hopper-uniform-random-300steps__redq_adaptive_bc__0__") for f in folders
     )
     configs = [json.loads((f / "config.json").read_text()) for f in folders]
     assert sorted((c["kp"], c["adaptive_bc"]) for c in configs) == [(0.0, True), (3e-5, False), (1e-4, True)]
