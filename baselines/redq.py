@@ -74,7 +74,18 @@ METHOD = "redq"
 
 @dataclass
 class Args(RunArgs):
-    dataset: Literal["scratch", "random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "scratch"
+    dataset: Literal[
+        "scratch",
+        "random",
+        "medium",
+        "medium-replay",
+        "medium-expert",
+        "expert",
+        "simple",
+        "uniform-random",
+        "minari-medium-expert",
+        "redq-medium-replay",
+    ] = "scratch"
     """a label only, no data is loaded: the <dataset> of the run folder, i.e. which plot.py panel shows this run"""
     dataset_id: Suppress[str | None] = None  # no dataset is read: these RunArgs flags are hidden
     random_dataset_steps: Suppress[int] = 1_000_000
