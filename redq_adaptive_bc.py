@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.compile import compile_step
-from plumbing.datasets import check_transitions, open_task
+from plumbing.datasets import check_transitions, open_task, warn_if_the_data_reach
 from plumbing.errors import UsageError, stop_requested
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
@@ -157,7 +157,7 @@ def resolve_defaults(args: Args, env_name: str, dataset_name: str, dataset_size:
         if getattr(args, name) is None:
             setattr(args, name, authors if args.authors_code else paper)
     if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
-        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name == "random" else 0.4
+        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.startswith("random") else 0.4
     if args.alpha_online is None:
         args.alpha_online = min(args.alpha_offline, args.alpha_online_max)
     if args.num_min_critics_offline is None:  # redq_bc.py:141: the min over all critics only when fine-tuning
@@ -608,6 +608,7 @@ def main(args: Args):
     dataset_size = len(data["rewards"])
     resolve_defaults(args, task.env_name, task.dataset_name, dataset_size)
     check_args(args)  # again: the resolved values, and those taken over from a pre-training run
+    warn_if_the_data_reach(task.summary, args.target_return)
     kept = num_kept(dataset_size, args.keep_ratio, args.keep_min)
     if args.buffer_size < kept:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")

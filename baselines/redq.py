@@ -42,8 +42,8 @@ as Minari datasets with the env id and reference scores, so `redq_adaptive_bc.py
 Run:
     python baselines/redq.py --env hopper                          # Fig. 2's REDQ (scratch)
     python baselines/redq.py --env hopper --actor-update-rate per-env-step   # REDQ's own actor rate
-    python baselines/redq.py --env hopper --utd 1 --num-critics 2 --online-steps 1000000 \\
-        --stop-at-score 33 --export-replay local/hopper/medium-replay-v0 --export-rollouts local/hopper/medium-v0
+    python baselines/redq.py --env hopper --utd 1 --num-critics 2 --online-steps 1000000 --stop-at-score 33 \\
+        --export-replay local/hopper/redq-medium-replay-v0 --export-rollouts local/hopper/redq-medium-v0
 """
 
 from __future__ import annotations
@@ -74,7 +74,18 @@ METHOD = "redq"
 
 @dataclass
 class Args(RunArgs):
-    dataset: Literal["scratch", "random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "scratch"
+    dataset: Literal[
+        "scratch",
+        "random",
+        "medium",
+        "medium-replay",
+        "medium-expert",
+        "expert",
+        "simple",
+        "uniform-random",
+        "minari-medium-expert",
+        "redq-medium-replay",
+    ] = "scratch"
     """a label only, no data is loaded: the <dataset> of the run folder, i.e. which plot.py panel shows this run"""
     dataset_id: Suppress[str | None] = None  # no dataset is read: these RunArgs flags are hidden
     random_dataset_steps: Suppress[int] = 1_000_000

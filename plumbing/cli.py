@@ -18,6 +18,9 @@ from typing import Literal
 
 import tyro
 
+from plumbing.d4rl import ENVS as D4RL_ENVS
+from plumbing.d4rl import NAMES as D4RL_NAMES
+from plumbing.d4rl import check_env as check_d4rl_env
 from plumbing.errors import STOP_SIGNALS, Preempted, RunFinished, TrainingDiverged, UsageError, request_stop
 from plumbing.run_folder import check_output_dir, fill_eval_settings
 
@@ -33,12 +36,24 @@ class RunArgs:
     """Flags of every training script: what to train on, where to write, how to checkpoint."""
 
     env: Literal["hopper", "halfcheetah", "walker2d", "ant"] = "hopper"
-    """MuJoCo task (Gymnasium v5)"""
-    dataset: Literal["random", "medium", "medium-replay", "medium-expert", "expert", "simple"] = "medium"
-    """offline dataset (random and medium-expert are built locally on first use)"""
+    """MuJoCo task (Gymnasium *-v4 for D4RL's data, *-v5 for data recorded on v5)"""
+    dataset: Literal[
+        "random",
+        "medium",
+        "medium-replay",
+        "medium-expert",
+        "expert",
+        "uniform-random",
+        "minari-medium-expert",
+        "redq-medium-replay",
+    ] = "medium"
+    """offline dataset: random..expert are D4RL's (the paper's); uniform-random (uniform actions, built here),
+    minari-medium-expert (Minari's medium + expert, built here), redq-medium-replay (baselines/redq.py's export)"""
+    d4rl_version: Literal["v0", "v2"] = "v0"
+    """version of D4RL's files: v0 as the authors' code loads, v2 as today's tables (CORL, IQL)"""
     dataset_id: str | None = None
-    """any Minari dataset id, instead of --env/--dataset; its task comes from its env spec, else its
-    namespace (local/<env>/...), else --env"""
+    """any Minari dataset id, instead of --env/--dataset (Minari's own: mujoco/hopper/medium-v0); its task comes
+    from its env spec, else its namespace (local/<env>/...), else --env"""
     seed: int = 0
     """random seed, 0 <= seed < 2**32 (the evaluation environment uses seed + 100)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -53,7 +68,7 @@ class RunArgs:
     load_offline: str | None = None
     """a run folder or its offline.pt: skip pre-training, fine-tune that agent with its dataset and networks"""
     random_dataset_steps: int = 1_000_000
-    """size of the locally built random dataset (D4RL: 1M; other sizes get the id local/<env>/random-<n>steps-v0)"""
+    """size of --dataset uniform-random (default 1M; other sizes get the id local/<env>/uniform-random-<n>steps-v0)"""
     ref_min_score: float | None = None
     """return that normalizes to 0 (default: dataset metadata, else D4RL's random score)"""
     ref_max_score: float | None = None
@@ -174,6 +189,8 @@ def check_run_args(args) -> None:
     )
     if (args.eval_episodes or 0) > MAX_EVAL_EPISODES:  # None: from the pre-training run; more is a typo
         raise UsageError(f"--eval-episodes must be at most {MAX_EVAL_EPISODES:,}, got {args.eval_episodes}")
+    if args.dataset_id is None and args.dataset in D4RL_NAMES and args.env not in D4RL_ENVS:
+        check_d4rl_env(args.env, args.dataset)
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.device == "cuda":

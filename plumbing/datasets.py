@@ -1,9 +1,10 @@
-"""Minari datasets: resolve an id, load it (download or build D4RL's way on first use), check it,
-recover its environments, and its reference scores for D4RL normalization.
+"""Minari datasets: resolve an id, load it (convert D4RL's file, download, or build on first use), check it,
+recover its environments, summarize it, and its reference scores for D4RL normalization.
 
-Minari's server has mujoco/<env>/{simple,medium,expert}-v0. D4RL's other recipes are built here:
-random (a uniform random policy), medium-expert (medium + expert). medium-replay needs a behavior
-agent's replay buffer: `baselines/redq.py --export-replay` writes it.
+--dataset random/medium/medium-replay/medium-expert/expert is D4RL's file (plumbing/d4rl.py), converted once
+into local/d4rl/<env>-<name>-<version>. Built here without network: uniform-random (a uniform random policy)
+and minari-medium-expert (Minari's medium + expert). redq-medium-replay needs a behavior agent's replay
+buffer: `baselines/redq.py --export-replay` writes it. Minari's own data: --dataset-id mujoco/<env>/<name>-v0.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 
+from plumbing import d4rl
 from plumbing.errors import Preempted, UsageError, stop_raises, stop_requested
 from plumbing.runtime import progress_bar
 
@@ -34,8 +36,9 @@ D4RL_REF_SCORES = {
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6, 3879.7),
 }
-REMOTE_DATASETS = ("medium", "expert", "simple")  # on Minari's server as mujoco/<env>/<name>-v0
-DEFAULT_RANDOM_STEPS = 1_000_000  # D4RL's random datasets
+# Built here, under names that cannot be mistaken for D4RL's: local/<env>/<name>-v0.
+LOCAL_DATASETS = ("uniform-random", "minari-medium-expert", "redq-medium-replay")
+DEFAULT_RANDOM_STEPS = 1_000_000  # as many steps as D4RL's random datasets
 DATASET_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+")  # Minari's (namespace/)name-v(version)
 STAGING = ".staging"
 
@@ -57,15 +60,18 @@ def dataset_path(dataset_id: str) -> Path:
     return datasets_root() / dataset_id
 
 
-def resolve_dataset_id(env: str, dataset: str, dataset_id: str | None, random_steps: int) -> str:
-    """--dataset-id as given, else the id of --env/--dataset: remote ones under mujoco/, built ones under local/."""
+def resolve_dataset_id(
+    env: str, dataset: str, dataset_id: str | None, random_steps: int, d4rl_version: str = "v0"
+) -> str:
+    """--dataset-id as given, else the id of --env/--dataset: D4RL's under local/d4rl/, built ones under local/."""
     if dataset_id is not None:
         dataset_path(dataset_id)
         return dataset_id
-    if dataset in REMOTE_DATASETS:
-        return f"mujoco/{env}/{dataset}-v0"
-    if dataset == "random" and random_steps != DEFAULT_RANDOM_STEPS:  # a smaller one gets its own id
-        return f"local/{env}/random-{random_steps}steps-v0"
+    if dataset in d4rl.NAMES:
+        d4rl.check_env(env, dataset)
+        return d4rl.local_id(env, dataset, d4rl_version)
+    if dataset == "uniform-random" and random_steps != DEFAULT_RANDOM_STEPS:  # a smaller one gets its own id
+        return f"local/{env}/uniform-random-{random_steps}steps-v0"
     return f"local/{env}/{dataset}-v0"
 
 
@@ -124,21 +130,28 @@ def obtain_dataset(dataset_id: str) -> None:
     parts = dataset_id.split("/")
     env_name, name = (parts[1] if len(parts) == 3 else None), parts[-1]
     check_datasets_root(dataset_id)
-    random_recipe = re.fullmatch(r"random(?:-([1-9]\d*)steps)?-v0", name)
+    random_recipe = re.fullmatch(r"uniform-random(?:-([1-9]\d*)steps)?-v0", name)
     if parts[0] != "local":
         download_dataset(dataset_id)
+    elif d4rl.parse_local_id(dataset_id):
+        convert_d4rl(dataset_id, *d4rl.parse_local_id(dataset_id))
     elif random_recipe and env_name in ENV_IDS:
         build_random_dataset(dataset_id, ENV_IDS[env_name], int(random_recipe.group(1) or DEFAULT_RANDOM_STEPS))
-    elif name == "medium-expert-v0" and env_name in ENV_IDS:
+    elif name == "minari-medium-expert-v0" and env_name in ENV_IDS:
         sources = [load_dataset(f"mujoco/{env_name}/{part}-v0") for part in ("medium", "expert")]
         with staged_dataset(dataset_id), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            minari.combine_datasets(sources, new_dataset_id=dataset_id)
-    elif name == "medium-replay-v0":
+            combined = minari.combine_datasets(sources, new_dataset_id=dataset_id)
+            ref = D4RL_REF_SCORES[env_name]  # combine_datasets drops the reference scores
+            summary = summarize(combined, ref)
+            combined.storage.update_metadata(
+                {"ref_min_score": ref[0], "ref_max_score": ref[1], **summary_meta(summary)}
+            )
+    elif name == "redq-medium-replay-v0":
         raise UsageError(
-            f"dataset {dataset_id} does not exist: Minari's server has no medium-replay data and D4RL's recipe needs "
-            f"the replay buffer of a behavior agent; build it with `python baselines/redq.py --export-replay "
-            f"{dataset_id} ...` (docs/datasets.md) or choose another --dataset"
+            f"dataset {dataset_id} does not exist: D4RL's medium-replay recipe needs the replay buffer of a behavior "
+            f"agent; build it with `python baselines/redq.py --export-replay {dataset_id} ...` (docs/datasets.md), "
+            f"or use D4RL's own file with --dataset medium-replay"
         )
     else:
         local = sorted(str(p.parent.relative_to(datasets_root())) for p in datasets_root().glob("local/**/data"))
@@ -262,20 +275,27 @@ def build_random_dataset(dataset_id: str, env_id: str, num_steps: int, seed: int
         dataset_id,
         episodes,
         env_id,
-        algorithm_name="uniform random policy (D4RL random recipe)",
+        algorithm_name="uniform random policy (not D4RL's random data: a randomly initialized policy's rollouts)",
         description=f"{num_steps} steps of uniformly random actions in {env_id}",
     )
 
 
-def write_dataset(dataset_id, episodes, env_id, algorithm_name, description, ref_min=None, ref_max=None) -> None:
-    """Minari EpisodeBuffers as dataset_id, written through a staging folder."""
+def write_dataset(
+    dataset_id, episodes, env_id, algorithm_name, description, ref_min=None, ref_max=None, extra_metadata=None
+) -> None:
+    """Minari EpisodeBuffers as dataset_id, written through a staging folder, with the summary of its episodes
+    (and extra_metadata) in its metadata: written now, never later into an existing dataset."""
     import minari
 
     dataset_path(dataset_id)
     print(f"writing {dataset_id}: {len(episodes)} episodes ...", file=sys.stderr)
+    env_name = env_name_of(env_id)
+    ref = (ref_min, ref_max) if ref_min is not None and ref_max is not None else D4RL_REF_SCORES.get(env_name)
+    returns = np.array([float(np.sum(ep.rewards)) for ep in episodes])
+    summary = summary_of(returns, sum(len(ep.rewards) for ep in episodes), ref)
     with staged_dataset(dataset_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Minari warns about unset author/permalink fields
-        minari.create_dataset_from_buffers(
+        warnings.simplefilter("ignore")  # Minari warns about unset author/permalink fields, gymnasium about v4
+        dataset = minari.create_dataset_from_buffers(
             dataset_id,
             episodes,
             env=env_id,
@@ -284,6 +304,79 @@ def write_dataset(dataset_id, episodes, env_id, algorithm_name, description, ref
             ref_min_score=ref_min,
             ref_max_score=ref_max,
         )
+        dataset.storage.update_metadata({**summary_meta(summary), **(extra_metadata or {})})
+
+
+def convert_d4rl(dataset_id: str, env_name: str, name: str, version: str) -> None:
+    """D4RL's file (from D4RL's cache, else downloaded) as the Minari dataset dataset_id, once: the transitions
+    of d4rl.qlearning_dataset, on the Gymnasium environment with D4RL's MuJoCo model (v4)."""
+    env_id = d4rl.ENV_IDS[env_name]
+    with v4_quiet():
+        env = gym.make(env_id)
+    path = d4rl.obtain_file(env_name, name, version)
+    data = d4rl.read_file(path, env.observation_space.shape[0], env.action_space.shape[0])
+    episodes = d4rl.to_episodes(data)
+    if not episodes:
+        raise UsageError(f"D4RL file {path} holds no transition")
+    ref_min, ref_max = D4RL_REF_SCORES[env_name]
+    write_dataset(
+        dataset_id,
+        episodes,
+        env_id,
+        algorithm_name=f"D4RL {d4rl.d4rl_id(env_name, name, version)}",
+        description=d4rl.describe(env_name, name, version),
+        ref_min=ref_min,
+        ref_max=ref_max,
+        extra_metadata={
+            "d4rl_id": d4rl.d4rl_id(env_name, name, version),
+            "source_url": d4rl.url_of(env_name, name, version),
+            "source_rows": len(data["rewards"]),
+        },
+    )
+
+
+@contextlib.contextmanager
+def v4_quiet():
+    """Gymnasium calls *-v4 out of date; they are kept on purpose: D4RL's data was recorded on their models."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# Know your data: the episodes as stored, which are what the method trains on
+# ---------------------------------------------------------------------------------------
+def summary_of(returns: np.ndarray, transitions: int, ref) -> dict:
+    """Episodes, transitions, mean/min/max episode return, and the mean's D4RL-normalized score (x100)."""
+    summary = {
+        "episodes": len(returns),
+        "transitions": int(transitions),
+        "return_mean": float(np.mean(returns)) if len(returns) else float("nan"),
+        "return_min": float(np.min(returns)) if len(returns) else float("nan"),
+        "return_max": float(np.max(returns)) if len(returns) else float("nan"),
+        "normalized_score_mean": None,
+    }
+    if ref is not None and ref[0] is not None and ref[1] is not None:
+        summary["normalized_score_mean"] = 100 * (summary["return_mean"] - ref[0]) / (ref[1] - ref[0])
+    return summary
+
+
+def summarize(dataset, ref) -> dict:
+    returns = np.array([float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()])
+    return summary_of(returns, dataset.total_steps, ref)
+
+
+def summary_meta(summary: dict) -> dict:
+    return {"dataset_summary": summary}
+
+
+def summary_line(summary: dict) -> str:
+    score = summary["normalized_score_mean"]
+    return (
+        f"{summary['episodes']} episodes, {summary['transitions']} transitions; episode return mean "
+        f"{summary['return_mean']:.6g} (min {summary['return_min']:.6g}, max {summary['return_max']:.6g})"
+        + (f", normalized {score:.1f}" if score is not None else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,7 +393,8 @@ def dataset_env_name(dataset, dataset_id: str, fallback: str) -> str:
 def make_envs(dataset, dataset_id: str, fallback_env: str):
     """(training env, evaluation env) for the dataset, checked against its spaces."""
     if dataset.spec.env_spec is not None:
-        env, eval_env = dataset.recover_environment(), dataset.recover_environment(eval_env=True)
+        with v4_quiet():
+            env, eval_env = dataset.recover_environment(), dataset.recover_environment(eval_env=True)
     else:
         name = dataset_env_name(dataset, dataset_id, fallback_env)
         env, eval_env = gym.make(ENV_IDS[name]), gym.make(ENV_IDS[name])
@@ -360,30 +454,53 @@ class Task(NamedTuple):
     env: gym.Env
     eval_env: gym.Env
     env_name: str  # 'hopper'
-    dataset_name: str  # 'medium'
+    dataset_name: str  # 'medium' (D4RL v0), 'medium-v2', 'uniform-random-400steps', ...
     ref: tuple  # (return normalized to 0, return normalized to 1)
     ref_source: str
+    summary: dict | None = None  # the stored episodes: counts, returns, the mean's normalized score (x100)
+    source: dict | None = None  # D4RL's id and file URL for converted D4RL data
 
     def normalized(self, episode_return):
         """D4RL normalization as a fraction: 0 = random policy, 1 = expert."""
         return (episode_return - self.ref[0]) / (self.ref[1] - self.ref[0])
 
 
-def open_task(args) -> Task:
-    """The dataset of --env/--dataset (or --dataset-id), loaded or obtained, its environments and reference scores."""
-    dataset_id = resolve_dataset_id(args.env, args.dataset, args.dataset_id, args.random_dataset_steps)
+def warn_if_the_data_reach(summary: dict, target_return: float | None) -> None:
+    """R_target (a fraction): warn when the data's mean return already reaches it, where Eq. 2 cannot lower alpha."""
+    if target_return is not None and summary["normalized_score_mean"] >= 100 * target_return:
+        print(
+            f"warning: the dataset's mean return already scores {summary['normalized_score_mean']:.1f} >= R_target "
+            f"= {100 * target_return:.4g}: Eq. 2's P term cannot lower alpha on data this good",
+            file=sys.stderr,
+        )
+
+
+def open_task(args, target_return: float | None = None) -> Task:
+    """The dataset of --env/--dataset (or --dataset-id), loaded or obtained, its environments, reference scores and
+    summary. target_return (R_target, a fraction): warn when the data's mean return already reaches it."""
+    version = getattr(args, "d4rl_version", "v0")
+    dataset_id = resolve_dataset_id(args.env, args.dataset, args.dataset_id, args.random_dataset_steps, version)
     dataset = load_dataset(dataset_id)
     env, eval_env = make_envs(dataset, dataset_id, args.env)
     env_name = dataset_env_name(dataset, dataset_id, args.env)
     ref_min, ref_max, source = reference_scores(dataset, env_name, args.ref_min_score, args.ref_max_score)
     if args.resume:  # config.json holds the values resolved when the run started (and their source)
         source = f"{args.resume}/config.json"
+    summary = summarize(dataset, (ref_min, ref_max))
     print(
-        f"{dataset_id}: {dataset.total_steps} steps in {dataset.total_episodes} episodes; {env.spec.id}; "
+        f"{dataset_id}: {summary_line(summary)}; {env.spec.id}; "
         f"reference scores {ref_min:.6g} (0) / {ref_max:.6g} (100) from {source}",
         file=sys.stderr,
     )
-    return Task(dataset_id, dataset, env, eval_env, env_name, dataset_name_of(dataset_id), (ref_min, ref_max), source)
+    warn_if_the_data_reach(summary, target_return)
+    d4rl_parts = d4rl.parse_local_id(dataset_id)
+    name = dataset_name_of(dataset_id)
+    if d4rl_parts:  # 'medium' for the paper's v0, 'medium-v2' for v2: walker2d-random stays 'random...'
+        name = d4rl_parts[1] + ("" if d4rl_parts[2] == "v0" else f"-{d4rl_parts[2]}")
+    metadata = dataset.storage.metadata
+    origin = {k: metadata[k] for k in ("d4rl_id", "source_url") if k in metadata} or None
+    ref = (ref_min, ref_max)
+    return Task(dataset_id, dataset, env, eval_env, env_name, name, ref, source, summary, origin)
 
 
 def one_line(error: BaseException) -> str:

@@ -373,6 +373,8 @@ def open_run(args, method: str, task, **info) -> RunFolder:
         "ref_min_score": task.ref[0],
         "ref_max_score": task.ref[1],
         "ref_source": task.ref_source,
+        "dataset_summary": task.summary,  # episodes, returns and the behavior's normalized score, as stored
+        "dataset_source": task.source,  # D4RL's id and URL for converted D4RL data
         **info,
     }
     return RunFolder.create(args.output_dir, f"{task.env_name}-{task.dataset_name}__{method}__{args.seed}", config)
@@ -458,7 +460,7 @@ def fill_eval_settings(args, pretraining: dict | None = None) -> None:
 
 
 # The dataset settings --load-offline takes over (its reference scores follow from the dataset as before).
-DATASET_KEYS = ["env", "dataset", "dataset_id", "random_dataset_steps"]
+DATASET_KEYS = ["env", "dataset", "d4rl_version", "dataset_id", "random_dataset_steps"]
 
 
 def lock(path: Path) -> None:

@@ -54,7 +54,7 @@ METHODS = {
 RESERVED = ("--env", "--dataset", "--seed", "--output-dir", "--resume")  # set by the sweep for every run
 # Pre-training flags: what --load-offline takes over (dataset, offline-steps, NETWORK_KEYS), then offline update knobs
 PRETRAINING = set(
-    """dataset-id random-dataset-steps offline-steps hidden-dim hidden-layers activation num-critics
+    """dataset-id d4rl-version random-dataset-steps offline-steps hidden-dim hidden-layers activation num-critics
     critic-init alpha-offline actor-hidden-layers state-dependent-std log-std-min log-std-max num-groups group-size
     ensemble ratio-hidden-dim ratio-hidden-layers min-over-all-offline authors-code learning-rate batch-size tau gamma
     policy-noise noise-clip policy-freq delay-target-updates critic-loss-reduction actor-weight-decay lam
@@ -80,10 +80,10 @@ Group = namedtuple("Group", "method variants chain datasets", defaults=(("",), F
 Figure = namedtuple("Figure", "title groups datasets envs plot", defaults=(PAPER_DATASETS, PAPER_ENVS, ""))
 FIGURES = {
     1: Figure(
-        "TD3+BC with fixed alpha_online, fine-tuning one pre-training",
+        "TD3+BC with fixed alpha_online on hopper's four datasets, fine-tuning one pre-training",
         (Group("td3_bc", tuple(f"--alpha-online {a}" for a in ("0.0", "0.1", "0.3")), True),),
-        ("medium",),
-        plot="--methods td3_bc --label-by alpha_online --out plots/fig1",
+        envs=("hopper",),
+        plot="--methods td3_bc --envs hopper --label-by alpha_online --out plots/fig1",
     ),
     2: Figure(
         "the method vs peers, which also run at its G = 20 (--utd 20); REDQ from scratch once per env and seed",

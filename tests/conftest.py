@@ -51,10 +51,37 @@ def hopper_episodes(num_episodes, length, seed=0, reward=None):
     return episodes
 
 
-def run_script(script, *flags, datasets_path, cwd, timeout=300):
-    """Run a script as a user would; returns the CompletedProcess (text)."""
+def write_d4rl_file(path, terminals, timeouts=None, obs_dim=11, act_dim=3, column=False, seed=0):
+    """A small file in D4RL's layout: observations, actions, rewards, terminals, and for v2 (timeouts given) also
+    timeouts, next_observations, infos/* and metadata/*. column: rewards and terminals shaped (N, 1), as in some
+    of D4RL's files. Returns the arrays written."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    n = len(terminals)
+    data = {
+        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
+        "rewards": rng.normal(1.0, 1.0, size=n).astype(np.float32),
+        "terminals": np.asarray(terminals, bool),
+    }
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            f[key] = value[:, None] if column and value.ndim == 1 else value
+        if timeouts is not None:
+            data["timeouts"] = np.asarray(timeouts, bool)
+            f["timeouts"] = data["timeouts"][:, None] if column else data["timeouts"]
+            f["next_observations"] = np.roll(data["observations"], -1, axis=0)
+            f["infos/qpos"] = rng.normal(size=(n, obs_dim // 2 + 1)).astype(np.float32)
+            f["infos/action_log_probs"] = rng.normal(size=n).astype(np.float32)
+            f["metadata/algorithm"] = "SAC"
+    return data
+
+
+def run_script(script, *flags, datasets_path, cwd, timeout=300, env=None):
+    """Run a script as a user would; returns the CompletedProcess (text). env: extra environment variables."""
     # One torch thread: on a loaded 2-core machine, two OpenMP threads per process can run 10x slower.
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, flags)],
         cwd=cwd,
@@ -92,14 +119,14 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def datasets_path(tmp_path_factory):
-    """A MINARI_DATASETS_PATH holding local/hopper/random-400steps-v0, built by the script itself."""
+    """A MINARI_DATASETS_PATH holding local/hopper/uniform-random-400steps-v0, built by the script itself."""
     path = tmp_path_factory.mktemp("minari")
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
         from plumbing.datasets import build_random_dataset
 
-        build_random_dataset("local/hopper/random-400steps-v0", "Hopper-v5", num_steps=400)
+        build_random_dataset("local/hopper/uniform-random-400steps-v0", "Hopper-v5", num_steps=400)
     finally:
         if old is None:
             del os.environ["MINARI_DATASETS_PATH"]

@@ -28,7 +28,7 @@ SCRIPT = "baselines/awac.py"
 # conftest's 400-step dataset: 3 offline and 4 online evaluations, nets of 16 units.
 TINY = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",
@@ -200,7 +200,7 @@ def test_buffer_too_small_for_the_dataset_and_a_diverging_loss(datasets_path, tm
     # Finite rewards whose squares overflow float32: the critic loss becomes inf at the first row after it.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     make_minari_dataset("local/hopper/huge-v0", hopper_episodes(4, 50, reward=1e30), env_id="Hopper-v5")
-    flags = [str(f) for f in TINY if f not in ("--dataset", "random")]
+    flags = [str(f) for f in TINY if f not in ("--dataset", "uniform-random")]
     args = parse_args(awac.Args, awac.METHOD, ["--dataset-id", "local/hopper/huge-v0", *flags, "--output-dir", "runs"])
     with pytest.raises(TrainingDiverged, match="offline step 20"):
         awac.main(args)
@@ -221,7 +221,7 @@ def awac_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_its_folder(awac_run):
     run_dir, proc = awac_run
-    assert run_dir.name.startswith("hopper-random-400steps__awac__0__")
+    assert run_dir.name.startswith("hopper-uniform-random-400steps__awac__0__")
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
         "progress.csv",
@@ -269,7 +269,7 @@ def test_episodes_log_one_row_per_training_episode(awac_run):
 
 def test_load_offline_skips_pretraining(awac_run, datasets_path, tmp_path):
     run_dir, _ = awac_run
-    flags = [f for f in TINY if f not in ("--dataset", "random")]
+    flags = [f for f in TINY if f not in ("--dataset", "uniform-random")]
     proc = run_script(
         SCRIPT, *flags, "--load-offline", run_dir, "--output-dir", tmp_path, datasets_path=datasets_path, cwd=tmp_path
     )
@@ -282,7 +282,7 @@ def test_load_offline_skips_pretraining(awac_run, datasets_path, tmp_path):
         ("online", 60),
     ]
     assert not (new_run / "offline.pt").exists()
-    assert json.loads((new_run / "config.json").read_text())["dataset"] == "random"  # taken from the loaded run
+    assert json.loads((new_run / "config.json").read_text())["dataset"] == "uniform-random"  # taken from the loaded run
     # The loaded optimizers continue: 40 offline + 2 x 60 online Adam steps.
     assert optimizer_steps(new_run) == (160, 160)
     # Fine-tuning starts with the random streams the pre-training process ended with: the same run as the
@@ -294,7 +294,7 @@ def test_load_offline_skips_pretraining(awac_run, datasets_path, tmp_path):
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
 RESUMABLE = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",

@@ -30,7 +30,7 @@ SCRIPT = "baselines/balanced_replay.py"
 # conftest's 400-step dataset: 3 offline and 4 online evaluations, nets of 16 units.
 TINY = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",
@@ -294,7 +294,7 @@ def test_too_many_transitions_and_a_diverging_loss(datasets_path, tmp_path, monk
     # Finite rewards whose squares overflow float32: the critic loss becomes inf.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     make_minari_dataset("local/hopper/huge-v0", hopper_episodes(4, 50, reward=1e30), env_id="Hopper-v5")
-    flags = [f for f in TINY if f not in ("--dataset", "random")]
+    flags = [f for f in TINY if f not in ("--dataset", "uniform-random")]
     with pytest.raises(TrainingDiverged, match="offline step 20"):
         br.main(args_with("--dataset-id", "local/hopper/huge-v0", *flags, "--output-dir", "runs"))
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -313,7 +313,7 @@ def br_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_its_folder(br_run):
     run_dir, proc = br_run
-    assert run_dir.name.startswith("hopper-random-400steps__balanced_replay__0__")
+    assert run_dir.name.startswith("hopper-uniform-random-400steps__balanced_replay__0__")
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
         "progress.csv",
@@ -356,7 +356,7 @@ def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
     # Blocks of 20 steps, the first block's updates x3, G = 1: 60 + 20 + 20 = 100 updates after the pre-trained
     # agent's 40, none before online step 20.
     run_dir, _ = br_run
-    flags = [f for f in TINY if f not in ("--dataset", "random")]
+    flags = [f for f in TINY if f not in ("--dataset", "uniform-random")]
     flags[flags.index("--utd") + 1] = 1
     proc = run_script(
         SCRIPT,
@@ -393,7 +393,7 @@ def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
 # Lee et al.'s ensemble and schedule here, so that their resume is covered too.
 RESUMABLE = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",

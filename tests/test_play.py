@@ -43,7 +43,7 @@ def run_dir(datasets_path, tmp_path_factory):
     proc = run_script(
         "redq_adaptive_bc.py",
         "--dataset",
-        "random",
+        "uniform-random",
         *TINY,
         "--output-dir",
         out / "runs",

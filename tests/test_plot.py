@@ -616,7 +616,7 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     proc = run_script(
         "redq_adaptive_bc.py",
         "--dataset",
-        "random",
+        "uniform-random",
         *TINY,
         "--output-dir",
         tmp_path / "runs",
@@ -630,7 +630,7 @@ def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     with_config(copy, seed=1)
     proc = run_cli(tmp_path / "runs", "--episodes")
     assert proc.returncode == 0, proc.stderr
-    assert "| hopper | random-400steps | redq_adaptive_bc | 2 |" in proc.stdout  # panel named as the folder
+    assert "| hopper | uniform-random-400steps | redq_adaptive_bc | 2 |" in proc.stdout  # panel named as the folder
     assert (tmp_path / "runs" / "plots" / "episodes.png").exists()
     rows = [ln.split(",") for ln in (tmp_path / "runs" / "plots" / "curves.csv").read_text().splitlines()[1:]]
     assert {r[7] for r in rows} == {"2"}  # every point averages both runs

@@ -53,12 +53,16 @@ def one_line(error) -> bool:
 # Dataset ids and paths
 # ---------------------------------------------------------------------------------------
 def test_resolve_dataset_id():
-    assert resolve_dataset_id("hopper", "medium", None, 1_000_000) == "mujoco/hopper/medium-v0"
-    assert resolve_dataset_id("walker2d", "expert", None, 300) == "mujoco/walker2d/expert-v0"  # size: random only
-    assert resolve_dataset_id("hopper", "random", None, 1_000_000) == "local/hopper/random-v0"  # D4RL's 1M
-    assert resolve_dataset_id("hopper", "random", None, 300) == "local/hopper/random-300steps-v0"
-    assert resolve_dataset_id("ant", "medium-expert", None, 300) == "local/ant/medium-expert-v0"
+    assert resolve_dataset_id("hopper", "medium", None, 1_000_000) == "local/d4rl/hopper-medium-v0"  # D4RL, v0
+    assert resolve_dataset_id("hopper", "medium", None, 300, "v2") == "local/d4rl/hopper-medium-v2"
+    assert resolve_dataset_id("walker2d", "random", None, 300) == "local/d4rl/walker2d-random-v0"  # size: local only
+    assert resolve_dataset_id("hopper", "uniform-random", None, 1_000_000) == "local/hopper/uniform-random-v0"
+    assert resolve_dataset_id("hopper", "uniform-random", None, 300) == "local/hopper/uniform-random-300steps-v0"
+    assert resolve_dataset_id("ant", "minari-medium-expert", None, 300) == "local/ant/minari-medium-expert-v0"
+    assert resolve_dataset_id("hopper", "redq-medium-replay", None, 300) == "local/hopper/redq-medium-replay-v0"
     assert resolve_dataset_id("hopper", "random", "mujoco/ant/simple-v0", 300) == "mujoco/ant/simple-v0"
+    with pytest.raises(UsageError, match="--dataset medium is D4RL's.*not --env ant"):
+        resolve_dataset_id("ant", "medium", None, 300)
     with pytest.raises(UsageError, match="is not a Minari id"):
         resolve_dataset_id("hopper", "medium", "local/../../../x/random-300steps-v0", 1_000_000)
 
@@ -87,7 +91,7 @@ def test_dataset_path_rejects_ids_that_leave_the_datasets_root(dataset_id, root)
 
 
 def test_dataset_path_of_a_good_id(root):
-    assert dataset_path("local/hopper/random-300steps-v0") == root / "local" / "hopper" / "random-300steps-v0"
+    assert dataset_path("local/hopper/uniform-random-300steps-v0") == root / "local/hopper/uniform-random-300steps-v0"
     assert dataset_path("mujoco/hopper/medium-v0") == root / "mujoco" / "hopper" / "medium-v0"
     assert dataset_path("hopper-1.5_x-v10") == root / "hopper-1.5_x-v10"
 
@@ -96,14 +100,14 @@ def test_names_of_envs_and_datasets():
     assert datasets.env_name_of("Walker2d-v5") == "walker2d"
     assert datasets.env_name_of("mujoco/HalfCheetah-v5") == "halfcheetah"
     assert datasets.dataset_name_of("mujoco/hopper/medium-v0") == "medium"
-    assert datasets.dataset_name_of("local/hopper/random-300steps-v0") == "random-300steps"
+    assert datasets.dataset_name_of("local/hopper/uniform-random-300steps-v0") == "uniform-random-300steps"
 
 
 # ---------------------------------------------------------------------------------------
 # Building, staging, downloading
 # ---------------------------------------------------------------------------------------
 def test_random_dataset_follows_d4rls_recipe(root):
-    dataset = load_dataset("local/hopper/random-150steps-v0")  # not on disk: built, the size from the id
+    dataset = load_dataset("local/hopper/uniform-random-150steps-v0")  # not on disk: built, the size from the id
     episodes = list(dataset.iterate_episodes())
     assert dataset.total_steps == 150 and sum(len(ep.rewards) for ep in episodes) == 150
     assert dataset.spec.env_spec.id == "Hopper-v5"
@@ -118,13 +122,13 @@ def test_random_dataset_follows_d4rls_recipe(root):
     assert last.truncations[-1] and not last.terminations[-1]
     assert (np.abs(np.concatenate([ep.actions for ep in episodes])) <= 1).all()
     assert sorted(p.name for p in root.iterdir()) == ["local"]  # no staging folder left
-    assert load_dataset("local/hopper/random-150steps-v0").total_steps == 150  # now read from disk
+    assert load_dataset("local/hopper/uniform-random-150steps-v0").total_steps == 150  # now read from disk
 
 
 def test_random_dataset_of_zero_steps_is_not_a_recipe(root):
-    with pytest.raises(UsageError, match="local/hopper/random-0steps-v0 not found"):
-        load_dataset("local/hopper/random-0steps-v0")
-    assert not (root / "local" / "hopper" / "random-0steps-v0").exists()
+    with pytest.raises(UsageError, match="local/hopper/uniform-random-0steps-v0 not found"):
+        load_dataset("local/hopper/uniform-random-0steps-v0")
+    assert not (root / "local" / "hopper" / "uniform-random-0steps-v0").exists()
 
 
 def test_staged_dataset_moves_a_complete_dataset_into_place(root):
@@ -212,19 +216,22 @@ def test_failed_download_leaves_nothing_behind(root, monkeypatch):
 def test_medium_expert_is_medium_and_expert_combined(root):
     make_minari_dataset("mujoco/hopper/medium-v0", hopper_episodes(2, 5), env_id="Hopper-v5")
     make_minari_dataset("mujoco/hopper/expert-v0", hopper_episodes(3, 4, seed=1), env_id="Hopper-v5")
-    dataset = load_dataset("local/hopper/medium-expert-v0")
+    dataset = load_dataset("local/hopper/minari-medium-expert-v0")
     assert dataset.total_steps == 2 * 5 + 3 * 4 and dataset.total_episodes == 5
-    assert (root / "local/hopper/medium-expert-v0/data/metadata.json").is_file()
+    assert (root / "local/hopper/minari-medium-expert-v0/data/metadata.json").is_file()
+    metadata = dataset.storage.metadata
+    assert (metadata["ref_min_score"], metadata["ref_max_score"]) == (-20.272305, 3234.3), "ref scores set again"
+    assert metadata["dataset_summary"]["episodes"] == 5, "the summary is written at build time"
     assert not list(root.glob(".staging*"))
 
 
 def test_unknown_local_dataset_suggests_close_ids(root):
-    (root / "local/hopper/random-400steps-v0/data").mkdir(parents=True)
-    with pytest.raises(UsageError, match="did you mean local/hopper/random-400steps-v0") as error:
-        load_dataset("local/hopper/random-40steps-v1")
+    (root / "local/hopper/uniform-random-400steps-v0/data").mkdir(parents=True)
+    with pytest.raises(UsageError, match="did you mean local/hopper/uniform-random-400steps-v0") as error:
+        load_dataset("local/hopper/uniform-random-40steps-v1")
     assert one_line(error)
-    with pytest.raises(UsageError, match="medium-replay.*--export-replay"):
-        load_dataset("local/hopper/medium-replay-v0")
+    with pytest.raises(UsageError, match="redq-medium-replay.*--export-replay"):
+        load_dataset("local/hopper/redq-medium-replay-v0")
 
 
 # ---------------------------------------------------------------------------------------

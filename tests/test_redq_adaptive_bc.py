@@ -29,6 +29,7 @@ from conftest import (
     signal_when,
     spaces,
     start_script,
+    write_d4rl_file,
 )
 from pytest import approx
 
@@ -42,7 +43,7 @@ TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
 
 
 def tiny(*extra):
-    return ["--dataset", "random", *TINY, *extra]
+    return ["--dataset", "uniform-random", *TINY, *extra]
 
 
 def in_process(*flags):
@@ -684,7 +685,7 @@ def finished_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
     run_dir, proc = finished_run
-    assert run_dir.name.startswith("hopper-random-400steps__redq_adaptive_bc__0__")
+    assert run_dir.name.startswith("hopper-uniform-random-400steps__redq_adaptive_bc__0__")
     assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == {
         "config.json",
         "progress.csv",
@@ -694,7 +695,7 @@ def test_run_writes_config_progress_episodes_and_checkpoints(finished_run):
         "actor.pt",
     }
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_id"] == "local/hopper/random-400steps-v0" and config["method"] == "redq_adaptive_bc"
+    assert config["dataset_id"] == "local/hopper/uniform-random-400steps-v0" and config["method"] == "redq_adaptive_bc"
     assert (config["ref_min_score"], config["ref_max_score"], config["ref_source"]) == (*HOPPER_REF, "D4RL table")
     assert config["alpha_offline"] == 0.4 and config["alpha_online"] == 0.4 and config["offline_kept"] == 100
     assert config["dataset_transitions"] == 400 and config["buffer_size"] == 100  # max(60 online steps, 100 kept)
@@ -880,12 +881,12 @@ def test_load_offline_fine_tunes_exactly_as_the_pretraining_process_would(paired
     config = json.loads((paired.loaded / "config.json").read_text())
     assert config["pretrained_from"] == str(paired.pre / "offline.pt") and config["offline_steps"] == 40
     assert (config["dataset_id"], config["random_dataset_steps"], config["hidden_dim"], config["num_critics"]) == (
-        "local/hopper/random-400steps-v0",
+        "local/hopper/uniform-random-400steps-v0",
         400,
         16,
         3,
     )
-    assert [p.name for p in (Path(datasets_path) / "local" / "hopper").iterdir()] == ["random-400steps-v0"]
+    assert [p.name for p in (Path(datasets_path) / "local" / "hopper").iterdir()] == ["uniform-random-400steps-v0"]
     assert not (paired.loaded / "offline.pt").exists()
 
 
@@ -959,7 +960,12 @@ def test_load_offline_checks_m_against_the_pre_trained_n(paired, datasets_path, 
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "env, dataset, alpha_offline",
-    [("walker2d", "random", 100.0), ("walker2d", "medium", 0.4), ("hopper", "random", 0.4)]
+    [
+        ("walker2d", "random", 100.0),
+        ("walker2d", "random-v2", 100.0),
+        ("walker2d", "medium", 0.4),
+        ("hopper", "random", 0.4),
+    ]
     + [("walker2d", "uniform-random", 0.4), ("walker2d", "uniform-random-300steps", 0.4)],
 )
 def test_alpha_offline_is_100_on_d4rls_walker2d_random_only(env, dataset, alpha_offline):
@@ -985,18 +991,16 @@ def test_pretraining_draws_a_random_pair_where_fine_tuning_takes_the_min_over_al
 def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(tmp_path, monkeypatch):
     # main.py:55-57: `if args.env == "walker2d-random-v0": args.alpha = 100; args.alpha_finetune = 0.4`.
     # --kp 1 --target-return 0 make every episode's P term push alpha far above 0.4, so the cap shows.
-    # The local uniform-random build is not D4RL's walker2d-random: --alpha-offline 100 is given here, and
-    # test_alpha_offline_is_100_on_d4rls_walker2d_random_only checks the default.
+    # The paper's walker2d-random is D4RL's (here a tiny file in D4RL's v0 layout: 301 rows, 300 transitions).
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    (tmp_path / "d4rl").mkdir()
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d_random.hdf5", np.zeros(301, bool), obs_dim=17, act_dim=6)
     run_dir = in_process(
-        "--alpha-offline",
-        100,
         "--env",
         "walker2d",
         "--dataset",
         "random",
-        "--random-dataset-steps",
-        300,
         "--authors-code",
         "--kp",
         1,
@@ -1022,7 +1026,7 @@ def test_walker2d_random_pretrains_with_alpha_100_and_caps_alpha_online_at_0_4(t
         tmp_path / "runs",
     )
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["dataset_id"] == "local/walker2d/random-300steps-v0" and config["env_name"] == "walker2d"
+    assert config["dataset_id"] == "local/d4rl/walker2d-random-v0" and config["env_id"] == "Walker2d-v4"
     assert (config["alpha_offline"], config["alpha_online"], config["alpha_online_max"]) == (100.0, 0.4, 0.4)
     # --authors-code's values, with the explicit --utd 1 and --target-return 0 kept; all 300 transitions kept
     # (--authors-code keeps at least 50,000).
@@ -1100,7 +1104,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_its_rows(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------
 RESUMABLE = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",

@@ -28,11 +28,11 @@ from conftest import ROOT, assert_same_networks, hopper_episodes, make_minari_da
 MAIN = "redq_adaptive_bc.py"
 BASELINES = ["baselines/td3_bc.py", "baselines/redq.py", "baselines/awac.py", "baselines/balanced_replay.py"]
 HOST = socket.gethostname()
-DATASET = "local/hopper/random-400steps-v0"  # conftest's datasets_path holds it
+DATASET = "local/hopper/uniform-random-400steps-v0"  # conftest's datasets_path holds it
 # A run that lives long enough to be killed, resumed and locked: 3 offline and 7 online evaluations.
 RESUMABLE = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",
@@ -60,7 +60,7 @@ RESUMABLE_ROWS = [("offline", s) for s in (0, 100, 200)] + [("online", s) for s 
 # Fast runs on a 300-step dataset: 2 offline and 2 online evaluations.
 QUICK = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     300,
     "--offline-steps",
@@ -220,7 +220,7 @@ def test_second_resume_is_refused_while_the_first_finishes_and_a_dead_holders_lo
 # 2. Parallel runs differing only in a variant flag, started together (on a dataset none has built yet)
 # ---------------------------------------------------------------------------------------
 def test_parallel_variants_started_together_all_succeed_in_their_own_folders(tmp_path):
-    root = tmp_path / "datasets"  # empty: all three build local/hopper/random-300steps-v0 at once
+    root = tmp_path / "datasets"  # empty: all three build local/hopper/uniform-random-300steps-v0 at once
     variants = {"kp0": ["--kp", 0], "kp1e-4": ["--kp", 1e-4], "fixed": ["--no-adaptive-bc"]}
     results = run_together(
         {name: (MAIN, *QUICK, *flags, "--output-dir", tmp_path / "runs") for name, flags in variants.items()},
@@ -231,7 +231,7 @@ def test_parallel_variants_started_together_all_succeed_in_their_own_folders(tmp
         assert proc.returncode == 0, (name, proc.stderr)
     folders = sorted((tmp_path / "runs").iterdir())
     assert len(folders) == 3 and all(
-        f.name.startswith("hopper-random-300steps__redq_adaptive_bc__0__") for f in folders
+        f.name.startswith("hopper-uniform-random-300steps__redq_adaptive_bc__0__") for f in folders
     )
     configs = [json.loads((f / "config.json").read_text()) for f in folders]
     assert sorted((c["kp"], c["adaptive_bc"]) for c in configs) == [(0.0, True), (3e-5, False), (1e-4, True)]
@@ -244,7 +244,7 @@ def test_parallel_variants_started_together_all_succeed_in_their_own_folders(tmp
             ("online", 20),
         ]
     assert sorted(p.name for p in root.iterdir()) == ["local"]  # no staging folder left behind
-    metadata = json.loads((root / "local/hopper/random-300steps-v0/data/metadata.json").read_text())
+    metadata = json.loads((root / "local/hopper/uniform-random-300steps-v0/data/metadata.json").read_text())
     assert metadata["total_steps"] == 300
 
 
@@ -331,7 +331,7 @@ def test_broken_datasets(datasets_path, tmp_path):
         kind: start(
             MAIN,
             "--dataset",
-            "random",
+            "uniform-random",
             "--random-dataset-steps",
             400,
             "--output-dir",
@@ -453,8 +453,8 @@ def test_resume_of_a_folder_whose_config_does_not_fit(killed_run, datasets_path,
 def test_the_next_build_removes_a_dead_builds_staging_folder(tmp_path):
     root = tmp_path / "datasets"
     leftover = root / f".staging-{HOST}-{dead_pid()}-x7k2m9qa"  # as a SIGKILL during minari's write leaves it
-    (leftover / "local/hopper/random-300steps-v0/data").mkdir(parents=True)
-    (leftover / "local/hopper/random-300steps-v0/data/main_data.hdf5").write_bytes(b"\x89HDF\r\n half")
+    (leftover / "local/hopper/uniform-random-300steps-v0/data").mkdir(parents=True)
+    (leftover / "local/hopper/uniform-random-300steps-v0/data/main_data.hdf5").write_bytes(b"\x89HDF\r\n half")
     # the build happens, then the run stops at its reference scores (min above D4RL's max), cheaply
     proc = finish(
         start(
@@ -463,7 +463,10 @@ def test_the_next_build_removes_a_dead_builds_staging_folder(tmp_path):
     )
     usage_error(proc, "reference scores must satisfy min < max, got 5000.0 and 3234.3")
     assert not leftover.exists() and sorted(p.name for p in root.iterdir()) == ["local"]
-    assert json.loads((root / "local/hopper/random-300steps-v0/data/metadata.json").read_text())["total_steps"] == 300
+    assert (
+        json.loads((root / "local/hopper/uniform-random-300steps-v0/data/metadata.json").read_text())["total_steps"]
+        == 300
+    )
     assert no_run_folder(tmp_path / "runs")
 
 
@@ -481,7 +484,7 @@ def method_run_folder(script, folder: Path) -> Path:
     from plumbing.run_folder import PROGRESS_COLUMNS
 
     folder.mkdir(parents=True)
-    args = module.Args(dataset="random", random_dataset_steps=400, output_dir=str(folder.parent))
+    args = module.Args(dataset="uniform-random", random_dataset_steps=400, output_dir=str(folder.parent))
     (folder / "config.json").write_text(json.dumps({"method": module.METHOD, **asdict(args)}))
     (folder / "progress.csv").write_text(",".join(PROGRESS_COLUMNS) + "\noffline,0" + "," * 10 + "\n")
     (folder / "latest.pt").write_bytes(np.random.default_rng(1).bytes(5000))

@@ -104,7 +104,7 @@ def pre_trainings(runs):
 
 @pytest.mark.parametrize(
     "n,total,pre,fine,whole",
-    [(1, 60, 15, 45, 45), (2, 615, 180, 360, 435), (3, 360, 60, 300, 300), (4, 45, 15, 30, 30), (5, 100, 40, 60, 60)],
+    [(1, 80, 20, 60, 60), (2, 615, 180, 360, 435), (3, 360, 60, 300, 300), (4, 45, 15, 30, 30), (5, 100, 40, 60, 60)],
 )
 def test_figure_run_counts(n, total, pre, fine, whole):
     runs = runs_of("--figure", str(n))

@@ -19,7 +19,7 @@ from plumbing.cli import UsageError, parse_args  # noqa: E402
 # test to catch each phase's checkpoints: this run is also the uninterrupted run it compares with.
 RUN = [
     "--dataset",
-    "random",
+    "uniform-random",
     "--random-dataset-steps",
     400,
     "--offline-steps",
@@ -149,12 +149,12 @@ def td3_run(datasets_path, tmp_path_factory):
 
 def test_run_writes_its_folder(td3_run):
     run_dir, proc = td3_run
-    assert run_dir.name.startswith("hopper-random-400steps__td3_bc__0__")
+    assert run_dir.name.startswith("hopper-uniform-random-400steps__td3_bc__0__")
     assert {"config.json", "progress.csv", "episodes.csv", "offline.pt", "final.pt", "actor.pt"} <= {
         p.name for p in run_dir.iterdir()
     } and not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["method"] == "td3_bc" and config["dataset_id"] == "local/hopper/random-400steps-v0"
+    assert config["method"] == "td3_bc" and config["dataset_id"] == "local/hopper/uniform-random-400steps-v0"
     assert (config["ref_min_score"], config["ref_max_score"]) == REF and config["alpha_offline"] == 0.4
     # The whole 400-step dataset is kept, and the buffer holds it plus every online step.
     assert config["dataset_transitions"] == config["offline_kept"] == 400 and config["buffer_size"] == 600
@@ -233,7 +233,7 @@ def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path
     rows = read_csv(new_run / "progress.csv")
     assert [r["phase"] for r in rows] == ["online"] * 4 and {float(r["alpha"]) for r in rows} == {0.3}
     config = json.loads((new_run / "config.json").read_text())  # dataset and networks come from the loaded run
-    assert (config["dataset"], config["random_dataset_steps"], config["hidden_dim"]) == ("random", 400, 16)
+    assert (config["dataset"], config["random_dataset_steps"], config["hidden_dim"]) == ("uniform-random", 400, 16)
     assert config["offline_kept"] == 20 and config["buffer_size"] == 80  # ceil(5% of 400), + 60 online
     assert config["pretrained_from"] == str(run_dir / "offline.pt") and not (new_run / "offline.pt").exists()
     # The loaded optimizers continue: 400 + 1 x 60 critic steps (G = 1, the default), 200 + 30 actor steps.
@@ -245,7 +245,7 @@ def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
     proc = run_script(
         "baselines/td3_bc.py",
         "--dataset",
-        "random",
+        "uniform-random",
         "--random-dataset-steps",
         400,
         "--offline-steps",

@@ -7,7 +7,7 @@ import sys
 
 # conftest's 400-step random Hopper dataset; every phase runs, nets of 16 units.
 SCHEDULE = (
-    "--dataset random --random-dataset-steps 400 --offline-steps 40 --online-steps 60 --eval-every 20 "
+    "--dataset uniform-random --random-dataset-steps 400 --offline-steps 40 --online-steps 60 --eval-every 20 "
     "--eval-episodes 2 --hidden-dim 16 --batch-size 32 --seed 3"
 ).split()
 
@@ -91,9 +91,9 @@ def largest_relative_difference(got: list[dict], expected: list[dict]) -> float:
 
 
 def build_dataset(env):
-    """local/hopper/random-400steps-v0 in env's MINARI_DATASETS_PATH, through the main script's own recipe."""
+    """local/hopper/uniform-random-400steps-v0 in env's MINARI_DATASETS_PATH, through the main script's own recipe."""
     code = (
         "from plumbing.datasets import build_random_dataset as b; "
-        "b('local/hopper/random-400steps-v0', 'Hopper-v5', 400)"
+        "b('local/hopper/uniform-random-400steps-v0', 'Hopper-v5', 400)"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
