@@ -295,7 +295,7 @@ def test_a_stop_signal_ends_the_download_within_seconds(dirs, monkeypatch):
         stop_requested.clear()
         server.shutdown()
     assert time.monotonic() - start < 5, "stopped within seconds (the server needed 10)"
-    assert "nothing half-written is kept" in error.value.detail
+    assert "nothing half-written is kept" in error.value.note
     assert list(cache.iterdir()) == [], "no partial file left"
 
 
