@@ -466,10 +466,8 @@ EPISODE_COLUMNS = ["step", "length", "return", "R_current", "R_last", "p_term", 
 
 def checkpoint(agent, phase, step, buffer=None, **state) -> dict:
     """What latest.pt holds besides the random streams: enough to continue this run exactly (--resume)."""
-    buffer_state = {} if buffer is None else {"buffer": buffer.state_dict()}
-    return dict(
-        phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **buffer_state, **state
-    )
+    state = dict(phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **state)
+    return state if buffer is None else dict(state, buffer=buffer.state_dict())
 
 
 def log_evaluation(run, agent, task, args, rng, phase, step, alpha, resume: dict, env=None, **extra) -> np.ndarray:
