@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "tests" / "golden"))
-from commands import COMPARED, GOLDEN_RUNS, build_dataset  # noqa: E402
+from commands import COMPARED, GOLDEN_RUNS, build_dataset
+
+pytestmark = pytest.mark.slow  # each test runs a script end to end
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,7 @@ def played(run_dir):
     return proc
 
 
+@pytest.mark.slow
 def test_score_is_the_mean_normalized_return(run_dir, played):
     proc = played
     returns, score = parse(proc.stdout)
@@ -69,6 +70,7 @@ def test_score_is_the_mean_normalized_return(run_dir, played):
     assert score == pytest.approx(100 * (np.mean(returns) - lo) / (hi - lo), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_replays_the_runs_last_evaluation(run_dir):
     # Default seed = the run's seed + 100, the seed of its evaluations; one episode as in TINY's
     # --eval-episodes 1. The same weights and the deterministic action give the last row's return.
@@ -87,6 +89,7 @@ def test_replays_the_runs_last_evaluation(run_dir):
     assert parse(fallback.stdout)[0] == [ret] and "final.pt" in fallback.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "unfinished", "corrupt", "unknown_method", "bad_episodes", "no_writer"])
 def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
     folder = tmp_path / "run"
@@ -122,6 +125,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
     assert "Traceback" not in proc.stderr and not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 def test_video(run_dir, played, tmp_path):
     ffmpeg = pytest.importorskip(
         "imageio_ffmpeg", reason="--video needs imageio-ffmpeg (optional: pip install imageio-ffmpeg)"

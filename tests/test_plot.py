@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import plot  # noqa: E402
+import plot
 
 HEADER = (
     "phase,step,normalized_score,normalized_score_std,return_mean,alpha,critic_loss,"
@@ -502,6 +501,7 @@ def text_on_canvas(fig):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
 def test_figures_keep_titles_and_legends_on_the_canvas(tmp_path, shape):
     envs, datasets = ["hopper", "walker2d"][: shape[0]], ["random", "medium", "expert"][: shape[1]]
@@ -553,9 +553,10 @@ def test_episodes_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "episodes.png").read_bytes().startswith(b"\x89PNG")
     assert "1 of 3 runs have no episodes.csv with alpha" in proc.stderr
-    assert not (tmp_path / "out2").exists()
+    assert not (tmp_path / "plots").exists(), "--out replaces the default folder <first folder>/plots"
 
 
+@pytest.mark.slow
 def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     """A run of the main script, and a copy named like a second run started in the same second
     (suffix -1, seed 1): one curve of two seeds, and its episodes.csv drawn by --episodes."""

@@ -23,6 +23,8 @@ import pytest
 import torch
 from conftest import ROOT, hopper_episodes, make_minari_dataset, spaces
 
+pytestmark = pytest.mark.slow  # almost every test runs the scripts as subprocesses, several at once
+
 MAIN = "redq_adaptive_bc.py"
 BASELINES = ["baselines/td3_bc.py", "baselines/redq.py", "baselines/awac.py", "baselines/balanced_replay.py"]
 HOST = socket.gethostname()
@@ -470,7 +472,6 @@ SCRIPTS = [MAIN] + BASELINES
 def method_run_folder(script, folder: Path) -> Path:
     """A run folder of script's method, as its first process would have left it (config.json from its own
     Args, one progress.csv row), with random bytes as latest.pt."""
-    sys.path.insert(0, str(ROOT / "baselines"))
     module = importlib.import_module(Path(script).stem)
     from plumbing.run_folder import PROGRESS_COLUMNS
 

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+import sweep
+
 SWEEP = ROOT / "scripts" / "sweep.py"
-spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-sweep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sweep)
 
 # A training script's outside: rejects unknown flags with exit 2 before any work, and so does --load-offline
 # given another --hidden-dim than its pre-training's (as the scripts' NETWORK_KEYS); writes
