@@ -86,7 +86,8 @@ def test_replays_the_runs_last_evaluation(run_dir):
     (copy / "actor.pt").unlink()
     fallback = play(copy, "--episodes", 1)
     assert fallback.returncode == 0, fallback.stderr
-    assert parse(fallback.stdout)[0] == [ret] and "final.pt" in fallback.stdout
+    assert parse(fallback.stdout)[0] == [ret]
+    assert "final.pt" in fallback.stdout
 
 
 @pytest.mark.slow
@@ -121,8 +122,11 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
         proc = play(*args)
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "v.mp4").exists()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), proc.stderr
+    assert expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "v.mp4").exists()
 
 
 @pytest.mark.slow
@@ -139,7 +143,9 @@ def test_video(run_dir, played, tmp_path):
     reader = ffmpeg.read_frames(str(video))
     meta = next(reader)
     frames = [np.frombuffer(f, np.uint8).reshape(meta["size"][1], meta["size"][0], 3) for f in reader]
-    assert meta["size"] == (480, 480) and len(frames) == count
+    assert meta["size"] == (480, 480)
+    assert len(frames) == count
     # the first observation and one frame per step; a rendered scene, not a blank image
-    assert count > 2 and max(f.std() for f in frames) > 10
+    assert count > 2
+    assert max(f.std() for f in frames) > 10
     assert parse(proc.stdout)[0] == parse(played.stdout)[0][:1]  # rendering changes nothing
