@@ -469,6 +469,8 @@ def test_agent_updates_actor_every_policy_freq_steps_and_targets_every_step():
     assert set(metrics) == {"critic_loss", "q_mean", "actor_loss"}, "update 2 of policy_freq 2: an actor step too"
     unchanged = all(torch.equal(p, q) for p, q in zip(agent.actor.parameters(), actor0))
     assert not unchanged, "the actor moved on update 2"
+    unchanged = all(torch.equal(p, q) for p, q in zip(agent.actor_target.parameters(), actor0))
+    assert not unchanged, "the actor target soft-updated toward the moved actor"
     assert all(p.requires_grad for p in agent.critic.parameters()), "critics unfrozen after the actor step"
 
 
@@ -501,6 +503,21 @@ def test_critic_step_draws_m_distinct_critics_or_takes_all_when_m_equals_n(monke
     assert all(len(set(idx.tolist())) == 2 for idx in drawn[1:]), "M = 2 distinct critics (drawn without replacement)"
     assert all(set(idx.tolist()) <= {0, 1, 2} for idx in drawn[1:]), "the subset indexes the N = 3 critics"
     assert len({tuple(sorted(idx.tolist())) for idx in drawn[1:]}) > 1, "a fresh subset each critic step"
+
+
+@pytest.mark.equations
+def test_critic_step_bootstraps_from_the_target_networks(monkeypatch):
+    seen, td_target = {}, m.td_target
+
+    def spy(b, actor, critic, *rest):
+        seen["actor"], seen["critic"] = actor, critic
+        return td_target(b, actor, critic, *rest)
+
+    monkeypatch.setattr(m, "td_target", spy)
+    agent = tiny_agent()
+    agent.critic_step(random_batch(), 2)
+    assert seen["actor"] is agent.actor_target, "a' comes from the target actor pi', not the actor"
+    assert seen["critic"] is agent.critic_target, "y bootstraps from the target critics Q', not the critics"
 
 
 def test_agent_state_dict_round_trip():
