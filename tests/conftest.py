@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-ROOT = (
-    Path(__file__).resolve().parents[1]
-)  # pyproject.toml puts ROOT, baselines/, scripts/ and tests/golden/ on sys.path
+# The repository. pyproject.toml's pythonpath puts it, baselines/, scripts/ and tests/golden/ on sys.path.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_minari_dataset(dataset_id, episodes, env_id=None, observation_space=None, action_space=None, **metadata):
