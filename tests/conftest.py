@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+# The repository. pyproject.toml's pythonpath puts it, baselines/, scripts/ and tests/golden/ on sys.path.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def make_minari_dataset(dataset_id, episodes, env_id=None, observation_space=None, action_space=None, **metadata):
@@ -92,29 +92,22 @@ def run_script(script, *flags, datasets_path, cwd, timeout=300, env=None):
     )
 
 
-# Tiny budgets that still exercise every phase: 3 offline and 4 online evaluations.
-TINY = [
-    "--offline-steps",
-    40,
-    "--online-steps",
-    60,
-    "--eval-every",
-    20,
-    "--eval-episodes",
-    1,
-    "--utd",
-    2,
-    "--hidden-dim",
-    16,
-    "--num-critics",
-    3,
-    "--batch-size",
-    32,
-    "--keep-min",
-    100,
-    "--random-dataset-steps",
-    400,
-]
+# The tests' shared constants and helpers: defined here once, imported by each test file.
+HOPPER_REF = (-20.272305, 3234.3)  # D4RL's hopper random / expert returns: the 400-step dataset has no metadata scores
+
+# Tiny budgets on the 400-step dataset that still exercise every phase: 3 offline and 4 online evaluations.
+TINY_BUDGETS = ["--random-dataset-steps", 400, "--offline-steps", 40, "--online-steps", 60, "--eval-every", 20]
+TINY_BUDGETS += ["--eval-episodes", 1, "--utd", 2, "--hidden-dim", 16, "--batch-size", 32]
+# The main script's: a 3-critic ensemble, and 100 of the 400 transitions kept at the switch.
+TINY = [*TINY_BUDGETS, "--num-critics", 3, "--keep-min", 100]
+
+
+def optimizer_steps(agent, name="final.pt", parts=("critic", "actor")):
+    """Adam steps each part has taken so far (0 before its first), from an agent's state dict or from the
+    checkpoint `name` of a run folder."""
+    if isinstance(agent, Path):
+        agent = torch.load(agent / name, weights_only=True)["agent"]
+    return tuple(int(agent[f"{p}_optim"]["state"][0]["step"]) if agent[f"{p}_optim"]["state"] else 0 for p in parts)
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +136,16 @@ def spaces(obs_dim, act_dim):
 
 
 class FixedActor(nn.Module):
-    """pi(s) = a fixed action per row, with action bounds [-1, 1]: a stand-in for target-policy tests."""
+    """pi(s) = a fixed action per row, with action bounds [low, high] ([-1, 1] unless given): a stand-in for
+    target-policy and actor-loss tests. Its action_scale and action_bias follow the scripts' Actor."""
 
-    def __init__(self, actions):
+    def __init__(self, actions, low=None, high=None):
         super().__init__()
         self.actions = actions
-        self.register_buffer("action_scale", torch.ones(actions.shape[1]))
-        self.register_buffer("action_bias", torch.zeros(actions.shape[1]))
+        low = -torch.ones(actions.shape[1]) if low is None else torch.as_tensor(low, dtype=torch.float32)
+        high = torch.ones(actions.shape[1]) if high is None else torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs):
         return self.actions

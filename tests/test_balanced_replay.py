@@ -5,63 +5,31 @@ script end to end as a subprocess with tiny budgets (a run, --load-offline, resu
 import functools
 import json
 import math
-import sys
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
+    TINY_BUDGETS,
     FixedActor,
     assert_same_networks,
     hopper_episodes,
     make_minari_dataset,
+    optimizer_steps,
     read_csv,
     run_script,
     signal_when,
     start_script,
 )
 
-sys.path.insert(0, str(ROOT / "baselines"))
-import balanced_replay as br  # noqa: E402
-
-from plumbing.cli import TrainingDiverged, UsageError, parse_args  # noqa: E402
+import balanced_replay as br
+from plumbing.cli import TrainingDiverged, UsageError, parse_args
 
 SCRIPT = "baselines/balanced_replay.py"
 # conftest's 400-step dataset: 3 offline and 4 online evaluations, nets of 16 units.
-TINY = [
-    "--dataset",
-    "uniform-random",
-    "--random-dataset-steps",
-    400,
-    "--offline-steps",
-    40,
-    "--online-steps",
-    60,
-    "--eval-every",
-    20,
-    "--eval-episodes",
-    1,
-    "--utd",
-    2,
-    "--hidden-dim",
-    16,
-    "--batch-size",
-    32,
-    "--ratio-hidden-dim",
-    16,
-    "--ratio-batch-size",
-    32,
-]
+TINY = ["--dataset", "uniform-random", *TINY_BUDGETS, "--ratio-hidden-dim", 16, "--ratio-batch-size", 32]
+PARTS = ("critic", "actor", "ratio")  # the parts with an optimizer
 
 start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
-
-
-def optimizer_steps(run_dir, parts=("critic", "actor", "ratio")):
-    """Adam steps taken so far by each part, from final.pt's optimizer states."""
-    agent = torch.load(run_dir / "final.pt", weights_only=True)["agent"]
-    return tuple(
-        int(agent[f"{part}_optim"]["state"][0]["step"]) if agent[f"{part}_optim"]["state"] else 0 for part in parts
-    )
 
 
 def args_with(*flags):
@@ -214,7 +182,8 @@ def test_a_transition_with_a_higher_density_ratio_is_drawn_more_often():
         assert torch.equal(batch.obs[:, 0], idx.float())  # the batch holds the drawn slots
         draws.append(idx)
     shares = torch.bincount(torch.cat(draws), minlength=4).double() / 20_000
-    assert abs(shares[3] - 0.4) < 0.02 and all(abs(shares[i] - 0.2) < 0.02 for i in range(3))
+    assert abs(shares[3] - 0.4) < 0.02
+    assert all(abs(shares[i] - 0.2) < 0.02 for i in range(3))
 
 
 def test_online_transitions_enter_at_the_running_max_priority_and_a_checkpoint_keeps_them():
@@ -311,6 +280,7 @@ def br_run(datasets_path, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_run_writes_its_folder(br_run):
     run_dir, proc = br_run
     assert run_dir.name.startswith("hopper-uniform-random-400steps__balanced_replay__0__")
@@ -339,19 +309,23 @@ def test_run_writes_its_folder(br_run):
         ("online", 60),
     ]
     offline_rows, online_rows = rows[:3], rows[3:]
-    assert all(float(r["alpha"]) == 0.4 and int(r["buffer_bytes"]) == 43_200 for r in offline_rows)
-    assert all(float(r["alpha"]) == 0.0 and int(r["buffer_bytes"]) == 101_200 for r in online_rows)
+    assert all(float(r["alpha"]) == 0.4 for r in offline_rows)
+    assert all(int(r["buffer_bytes"]) == 43_200 for r in offline_rows)
+    assert all(float(r["alpha"]) == 0.0 for r in online_rows)
+    assert all(int(r["buffer_bytes"]) == 101_200 for r in online_rows)
     fractions = [float(r["online_fraction"]) for r in online_rows[1:]]
-    assert all(0 <= f <= 1 for f in fractions) and max(fractions) > 0
+    assert all(0 <= f <= 1 for f in fractions)
+    assert max(fractions) > 0
     assert all(math.isfinite(float(r["ratio_loss"])) for r in online_rows[1:])
     assert all(r["online_fraction"] == "" for r in offline_rows + online_rows[:1])
     # G = 2 after every step: 40 + 120 critic steps, half of them actor steps; 120 ratio steps, online only.
-    assert optimizer_steps(run_dir) == (160, 80, 120)
+    assert optimizer_steps(run_dir, parts=PARTS) == (160, 80, 120)
     episodes = read_csv(run_dir / "episodes.csv")
     assert list(episodes[0]) == ["step", "length", "return", "normalized_return"]
     assert sum(int(e["length"]) for e in episodes) == int(episodes[-1]["step"]) <= 60
 
 
+@pytest.mark.slow
 def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
     # Blocks of 20 steps, the first block's updates x3, G = 1: 60 + 20 + 20 = 100 updates after the pre-trained
     # agent's 40, none before online step 20.
@@ -384,9 +358,10 @@ def test_load_offline_with_lee_et_als_schedule(br_run, datasets_path, tmp_path):
         ("online", 60),
     ]
     assert not (new_run / "offline.pt").exists()
-    assert optimizer_steps(new_run) == (140, 70, 100)
+    assert optimizer_steps(new_run, parts=PARTS) == (140, 70, 100)
     # The first row after the switch averages the first block's 60 updates, when 20 online transitions exist.
-    assert float(rows[1]["online_fraction"]) > 0 and rows[1]["critic_loss"] != ""
+    assert float(rows[1]["online_fraction"]) > 0
+    assert rows[1]["critic_loss"] != ""
 
 
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
@@ -434,6 +409,7 @@ COMPARED = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, tmp_path):
     kw = dict(datasets_path=datasets_path, cwd=tmp_path)
     killed = start(*RESUMABLE, "--output-dir", tmp_path / "b", **kw)
@@ -452,4 +428,4 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, 
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
     assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target", "ratio"))
     # Blocks of 50 over 300 steps, the first x10: 500 + 5 x 50 = 750 updates after 600 offline ones.
-    assert optimizer_steps(run_b) == optimizer_steps(run_a) == (1350, 675, 750)
+    assert optimizer_steps(run_b, parts=PARTS) == optimizer_steps(run_a, parts=PARTS) == (1350, 675, 750)

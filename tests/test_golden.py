@@ -24,17 +24,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "tests" / "golden"))
-from commands import (  # noqa: E402
-    GOLDEN_RUNS,
-    RELATIVE_TOLERANCE,
-    build_dataset,
-    differences,
-    largest_relative_difference,
-)
-from record import read_rows  # noqa: E402
+from commands import GOLDEN_RUNS, RELATIVE_TOLERANCE, build_dataset, differences, largest_relative_difference
+from record import read_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # each test runs a script end to end
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ def played(run_dir):
     return proc
 
 
+@pytest.mark.slow
 def test_score_is_the_mean_normalized_return(run_dir, played):
     proc = played
     returns, score = parse(proc.stdout)
@@ -73,6 +74,7 @@ def test_score_is_the_mean_normalized_return(run_dir, played):
     assert score == pytest.approx(100 * (np.mean(returns) - lo) / (hi - lo), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_replays_the_runs_last_evaluation(run_dir):
     # Default seed = the run's seed + 100, the seed of its evaluations; one episode as in TINY's
     # --eval-episodes 1. The same weights and the deterministic action give the last row's return.
@@ -88,9 +90,11 @@ def test_replays_the_runs_last_evaluation(run_dir):
     (copy / "actor.pt").unlink()
     fallback = play(copy, "--episodes", 1)
     assert fallback.returncode == 0, fallback.stderr
-    assert parse(fallback.stdout)[0] == [ret] and "final.pt" in fallback.stdout
+    assert parse(fallback.stdout)[0] == [ret]
+    assert "final.pt" in fallback.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "unfinished", "corrupt", "unknown_method", "bad_episodes", "no_writer"])
 def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
     folder = tmp_path / "run"
@@ -122,10 +126,14 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, case):
         proc = play(*args)
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "v.mp4").exists()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), proc.stderr
+    assert expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 def test_video(run_dir, played, tmp_path):
     ffmpeg = pytest.importorskip(
         "imageio_ffmpeg", reason="--video needs imageio-ffmpeg (optional: pip install imageio-ffmpeg)"
@@ -139,9 +147,11 @@ def test_video(run_dir, played, tmp_path):
     reader = ffmpeg.read_frames(str(video))
     meta = next(reader)
     frames = [np.frombuffer(f, np.uint8).reshape(meta["size"][1], meta["size"][0], 3) for f in reader]
-    assert meta["size"] == (480, 480) and len(frames) == count
+    assert meta["size"] == (480, 480)
+    assert len(frames) == count
     # the first observation and one frame per step; a rendered scene, not a blank image
-    assert count > 2 and max(f.std() for f in frames) > 10
+    assert count > 2
+    assert max(f.std() for f in frames) > 10
     assert parse(proc.stdout)[0] == parse(played.stdout)[0][:1]  # rendering changes nothing
 
 

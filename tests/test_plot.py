@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import plot  # noqa: E402
+import plot
 
 HEADER = (
     "phase,step,normalized_score,normalized_score_std,return_mean,alpha,critic_loss,"
@@ -210,7 +209,8 @@ def test_table_numbers_by_hand(runs_dir, capsys):
     assert len(err) == len(BROKEN)
     for name, reason in BROKEN.items():
         (line,) = [ln for ln in err if name in ln]
-        assert line.startswith("skipping ") and reason in line
+        assert line.startswith("skipping ")
+        assert reason in line
 
 
 def test_pretrained_blank_when_run_has_neither(tmp_path):
@@ -275,7 +275,8 @@ def test_align_only_where_every_run_has_data():
     assert matrix[1].tolist() == [100, 150, 200, 250]  # 15 -> 30 is +150 over 15 steps: 20 -> 250
     # no overlap at all: nothing, rather than an extrapolated curve
     grid, matrix = plot.align([a, (np.array([25.0, 30]), np.array([1.0, 2]))])
-    assert len(grid) == 0 and matrix.shape == (2, 0)
+    assert len(grid) == 0
+    assert matrix.shape == (2, 0)
 
 
 def test_group_curve_ends_at_shortest_run(runs_dir, capsys):
@@ -308,7 +309,8 @@ def test_cli_png_end_to_end(runs_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("score.png", "alpha.png"):
         data = (out / name).read_bytes()
-        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(data) > 1000
     results = (out / "results.md").read_text()
     assert "| hopper | medium | redq_adaptive_bc | 3 | 50.00 ± 4.08 |" in results
     assert results in result.stdout + "\n"  # the same table is printed
@@ -330,7 +332,8 @@ def test_cli_svg_raw_returns_smooth_and_filter(runs_dir):
     assert result.returncode == 0, result.stderr
     out = runs_dir / "plots"  # the default output folder
     svg = (out / "score.svg").read_text()
-    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert svg.lstrip().startswith("<?xml")
+    assert "<svg" in svg
     assert not (out / "score.png").exists()
     assert not (out / "alpha.svg").exists()  # td3_bc logs no alpha
     # table: raw returns (10 x score), unsmoothed: final 600, 500 -> 550 ± 50; only td3_bc rows
@@ -350,7 +353,8 @@ def test_cli_svg_raw_returns_smooth_and_filter(runs_dir):
     ]
     # the broken redq_adaptive_bc folders are filtered out, so not reported; td3_bc ones are
     skips = [ln for ln in result.stderr.splitlines() if ln.startswith("skipping ")]
-    assert len(skips) == 3 and all("td3_bc" in ln for ln in skips)
+    assert len(skips) == 3
+    assert all("td3_bc" in ln for ln in skips)
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "filtered", "bad_format", "bad_smooth"])
@@ -373,8 +377,11 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, runs_dir, case):
         "bad_format": "--format",
         "bad_smooth": "--smooth",
     }[case]
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.stderr and not list(tmp_path.glob("**/plots"))
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
+    assert expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("**/plots"))
 
 
 def test_rows_without_the_metric_are_ignored(tmp_path):
@@ -419,10 +426,12 @@ def test_runs_that_differ_are_never_averaged(tmp_path):
     assert sorted(k[2] for k in groups) == ["td3_bc (utd=20, alpha_online=0.0)", "td3_bc (utd=20, alpha_online=0.1)"]
     proc = run_cli(str(tmp_path / "runs"), "--methods", "td3_bc")
     assert proc.returncode == 0, proc.stderr
-    assert "| td3_bc (alpha_online=0.1) | 2 |" in proc.stdout and "| td3_bc (alpha_online=0.0) | 2 |" in proc.stdout
+    assert "| td3_bc (alpha_online=0.1) | 2 |" in proc.stdout
+    assert "| td3_bc (alpha_online=0.0) | 2 |" in proc.stdout
     assert "60.00 ± 10.00" in proc.stdout  # final of the 0.1 variant: mean(50, 70), population std 10
     (note,) = [ln for ln in proc.stderr.splitlines() if "differ" in ln]  # one line: what was split, by which key
-    assert note.startswith("note: ") and note.endswith("hopper-medium td3_bc by alpha_online")
+    assert note.startswith("note: ")
+    assert note.endswith("hopper-medium td3_bc by alpha_online")
 
 
 def test_missing_key_is_shown_as_unknown_when_others_disagree(tmp_path):
@@ -443,7 +452,8 @@ def test_one_seed_twice_in_a_curve_is_an_error(tmp_path):
     proc = run_cli(tmp_path / "runs")
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("error: hopper-medium td3_bc: seed 3 twice") and "1700000000-1" in line
+    assert line.startswith("error: hopper-medium td3_bc: seed 3 twice")
+    assert "1700000000-1" in line
     assert not (tmp_path / "runs" / "plots").exists()
     # a different configuration is a different curve, not a duplicate
     with_config(tmp_path / "runs" / "hopper-medium__td3_bc__3__1700000000-1", utd=10)
@@ -480,7 +490,8 @@ def test_scratch_runs_join_every_dataset_panel_of_their_env(tmp_path):
     proc = run_cli(tmp_path, "--datasets", "medium")  # scratch runs pass any --datasets filter
     assert proc.returncode == 0, proc.stderr
     assert "| hopper | medium | redq (scratch) | 2 | 1.00 ± 0.00 | 10.00 ± 1.00 |" in proc.stdout
-    assert "| hopper | random |" not in proc.stdout and "| walker2d | scratch | redq (scratch) | 1 |" in proc.stdout
+    assert "| hopper | random |" not in proc.stdout
+    assert "| walker2d | scratch | redq (scratch) | 1 |" in proc.stdout
     assert "(the same runs, repeated)" in " ".join(plot.__doc__.split()), "the usage says why scratch rows repeat"
 
 
@@ -498,13 +509,17 @@ def text_on_canvas(fig):
             artists += [ax.title, ax.xaxis.label, ax.yaxis.label] + ([ax.get_legend()] if ax.get_legend() else [])
     for artist in artists:
         box = artist.get_window_extent(renderer)
-        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1, artist
+        assert box.x0 >= -1, artist
+        assert box.y0 >= -1, artist
+        assert box.x1 <= width + 1, artist
+        assert box.y1 <= height + 1, artist
     for legend in fig.legends:
         box = legend.get_window_extent(renderer)
         assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
 def test_figures_keep_titles_and_legends_on_the_canvas(tmp_path, shape):
     envs, datasets = ["hopper", "walker2d"][: shape[0]], ["random", "medium", "expert"][: shape[1]]
@@ -551,11 +566,13 @@ def test_episodes_figure(tmp_path):
     episodes = plot.episodes_for(plot.group_runs(runs))
     (panel,) = episodes.values()
     assert sorted(run.seed for run, _ in panel) == [0, 1]
-    assert panel[0][1]["step"].tolist() == [20, 40] and panel[0][1]["alpha"].tolist() == [0.4, 0.39]  # step order
+    assert panel[0][1]["step"].tolist() == [20, 40]
+    assert panel[0][1]["alpha"].tolist() == [0.4, 0.39]  # step order
     proc = run_cli(tmp_path, "--episodes", "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "episodes.png").read_bytes().startswith(b"\x89PNG")
     assert "1 of 3 runs have no episodes.csv with alpha" in proc.stderr
+    assert not (tmp_path / "plots").exists(), "--out replaces the default folder <first folder>/plots"
 
 
 def test_episodes_figure_shows_r_x100_with_the_target_at_100(tmp_path):
@@ -608,6 +625,7 @@ def test_help_states_the_units():
     assert "R_target drawn at 100" in text, "where the target is drawn"
 
 
+@pytest.mark.slow
 def test_real_run_folders_with_suffix(datasets_path, tmp_path):
     """A run of the main script, and a copy named like a second run started in the same second
     (suffix -1, seed 1): one curve of two seeds, and its episodes.csv drawn by --episodes."""

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, hopper_episodes, make_minari_dataset, run_script
+from conftest import HOPPER_REF, ROOT, hopper_episodes, make_minari_dataset, run_script
 
 from plumbing import cli, datasets, errors, run_folder, tracking
 from plumbing.cli import RunArgs, UsageError
@@ -109,17 +109,21 @@ def test_names_of_envs_and_datasets():
 def test_random_dataset_follows_d4rls_recipe(root):
     dataset = load_dataset("local/hopper/uniform-random-150steps-v0")  # not on disk: built, the size from the id
     episodes = list(dataset.iterate_episodes())
-    assert dataset.total_steps == 150 and sum(len(ep.rewards) for ep in episodes) == 150
+    assert dataset.total_steps == 150
+    assert sum(len(ep.rewards) for ep in episodes) == 150
     assert dataset.spec.env_spec.id == "Hopper-v5"
     for ep in episodes:
         assert len(ep.observations) == len(ep.actions) + 1
-        assert not ep.terminations[:-1].any() and not ep.truncations[:-1].any()
+        assert not ep.terminations[:-1].any()
+        assert not ep.truncations[:-1].any()
     for ep in episodes[:-1]:  # a random hopper falls within 1000 steps: every full episode terminates
-        assert ep.terminations[-1] and not ep.truncations[-1]
+        assert ep.terminations[-1]
+        assert not ep.truncations[-1]
     last = episodes[-1]  # cut by the budget: a time-out, unless it happened to terminate on the last step
     assert last.terminations[-1] != last.truncations[-1]
     # The default actions of this seed do not terminate exactly at step 150: the last one is truncated.
-    assert last.truncations[-1] and not last.terminations[-1]
+    assert last.truncations[-1]
+    assert not last.terminations[-1]
     assert (np.abs(np.concatenate([ep.actions for ep in episodes])) <= 1).all()
     assert sorted(p.name for p in root.iterdir()) == ["local"]  # no staging folder left
     assert load_dataset("local/hopper/uniform-random-150steps-v0").total_steps == 150  # now read from disk
@@ -134,7 +138,8 @@ def test_random_dataset_of_zero_steps_is_not_a_recipe(root):
 def test_staged_dataset_moves_a_complete_dataset_into_place(root):
     with staged_dataset("local/x/y-v0"):
         scratch = Path(os.environ["MINARI_DATASETS_PATH"])
-        assert scratch.parent == root and scratch.name.startswith(f".staging-{socket.gethostname()}-{os.getpid()}-")
+        assert scratch.parent == root
+        assert scratch.name.startswith(f".staging-{socket.gethostname()}-{os.getpid()}-")
         (scratch / "local/x/y-v0/data").mkdir(parents=True)
         (scratch / "local/x/y-v0/data/metadata.json").write_text("{}")
     assert os.environ["MINARI_DATASETS_PATH"] == str(root)
@@ -192,7 +197,9 @@ def test_dead_staging_folders_of_this_host_are_removed(root):
         (folder / "local/x/y-v0/data").mkdir(parents=True)
     with staged_dataset("local/x/z-v0"):
         (Path(os.environ["MINARI_DATASETS_PATH"]) / "local/x/z-v0").mkdir(parents=True)
-    assert not dead.exists() and alive.exists() and other_host.exists()
+    assert not dead.exists()
+    assert alive.exists()
+    assert other_host.exists()
 
 
 def test_failed_download_leaves_nothing_behind(root, monkeypatch):
@@ -210,14 +217,16 @@ def test_failed_download_leaves_nothing_behind(root, monkeypatch):
     ) as error:
         load_dataset("mujoco/hopper/medium-v0")
     assert one_line(error)
-    assert list(root.iterdir()) == [] and os.environ["MINARI_DATASETS_PATH"] == str(root)
+    assert list(root.iterdir()) == []
+    assert os.environ["MINARI_DATASETS_PATH"] == str(root)
 
 
 def test_medium_expert_is_medium_and_expert_combined(root):
     make_minari_dataset("mujoco/hopper/medium-v0", hopper_episodes(2, 5), env_id="Hopper-v5")
     make_minari_dataset("mujoco/hopper/expert-v0", hopper_episodes(3, 4, seed=1), env_id="Hopper-v5")
     dataset = load_dataset("local/hopper/minari-medium-expert-v0")
-    assert dataset.total_steps == 2 * 5 + 3 * 4 and dataset.total_episodes == 5
+    assert dataset.total_steps == 2 * 5 + 3 * 4
+    assert dataset.total_episodes == 5
     assert (root / "local/hopper/minari-medium-expert-v0/data/metadata.json").is_file()
     metadata = dataset.storage.metadata
     assert (metadata["ref_min_score"], metadata["ref_max_score"]) == (-20.272305, 3234.3), "ref scores set again"
@@ -248,10 +257,13 @@ def transitions(n=4):
 BOX = types.SimpleNamespace(low=np.full(3, -1.0, np.float32), high=np.full(3, 1.0, np.float32))
 
 
-def test_check_transitions_accepts_data_within_bounds():
+def test_check_transitions_accepts_data_within_bounds_up_to_the_tolerance():
     data = transitions()
     data["actions"][0] = [1.0005, -1.0005, 0.3]  # within the 1e-3 tolerance (float32 rounding of a bound)
-    datasets.check_transitions(data, "d-v0", BOX)
+    assert datasets.check_transitions(data, "d-v0", BOX) is None, "actions within 1e-3 of a bound are accepted"
+    data["actions"][0] = [1.0015, -1.0, 0.3]  # beyond it: the same check refuses them
+    with pytest.raises(UsageError, match="outside the environment's bounds"):
+        datasets.check_transitions(data, "d-v0", BOX)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +281,8 @@ def test_check_transitions_rejects(key, row, value, message):
     data[key][row] = value
     with pytest.raises(UsageError, match=message) as error:
         datasets.check_transitions(data, "d-v0", BOX)
-    assert one_line(error) and "d-v0" in str(error.value)
+    assert one_line(error)
+    assert "d-v0" in str(error.value)
 
 
 def test_check_transitions_rejects_an_empty_dataset():
@@ -277,13 +290,10 @@ def test_check_transitions_rejects_an_empty_dataset():
         datasets.check_transitions(transitions(0), "d-v0", BOX)
 
 
-HOPPER = (-20.272305, 3234.3)
-
-
 def test_reference_scores_flags_then_metadata_then_d4rl_table():
     assert choose_reference_scores("hopper", 1.0, 9.0, 2.0, 8.0) == (1.0, 9.0, "flags")
     assert choose_reference_scores("hopper", None, None, 2.0, 8.0) == (2.0, 8.0, "dataset metadata")
-    assert choose_reference_scores("hopper", None, None) == (*HOPPER, "D4RL table")
+    assert choose_reference_scores("hopper", None, None) == (*HOPPER_REF, "D4RL table")
     assert choose_reference_scores("hopper", 5.0, None, 2.0, 8.0) == (5.0, 8.0, "flags (min), dataset metadata (max)")
     assert choose_reference_scores("walker2d", None, 100.0) == (1.629008, 100.0, "D4RL table (min), flags (max)")
     assert choose_reference_scores("pendulum", -1, 2) == (-1.0, 2.0, "flags")  # any env, given both flags
@@ -315,9 +325,9 @@ def test_reference_scores_must_satisfy_min_below_max(flag_min, flag_max, meta_mi
 
 
 def test_task_normalizes_like_d4rl():
-    task = datasets.Task("d", None, None, None, "hopper", "medium", HOPPER, "D4RL table")
-    assert task.normalized(np.array([HOPPER[0], HOPPER[1]])).tolist() == [0.0, 1.0]
-    assert task.normalized((HOPPER[0] + HOPPER[1]) / 2) == pytest.approx(0.5)
+    task = datasets.Task("d", None, None, None, "hopper", "medium", HOPPER_REF, "D4RL table")
+    assert task.normalized(np.array([HOPPER_REF[0], HOPPER_REF[1]])).tolist() == [0.0, 1.0]
+    assert task.normalized((HOPPER_REF[0] + HOPPER_REF[1]) / 2) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,7 +376,8 @@ class ToyArgs(RunArgs):
 def test_parse_args_folds_tyros_box_into_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.parse_args(ToyArgs, "toy", ["--sed", "1"])
-    assert exit_.value.code == 2 and capsys.readouterr().err == "error: Unrecognized options: --sed, 1\n"
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: Unrecognized options: --sed, 1\n"
     with pytest.raises(SystemExit):
         cli.parse_args(ToyArgs, "toy", ["--offline-steps", "1.5"])
     assert capsys.readouterr().err == (
@@ -453,7 +464,8 @@ def test_args_from_run_rejects_a_config_that_does_not_fit(tmp_path, config, prog
     run = write_run(tmp_path / "run", config, progress)
     with pytest.raises(UsageError, match=message) as error:
         cli.args_from_run(ToyArgs, "toy", run)
-    assert one_line(error) and str(error.value).startswith("--resume: ")
+    assert one_line(error)
+    assert str(error.value).startswith("--resume: ")
 
 
 def test_args_from_run_of_a_folder_that_is_not_a_run(tmp_path):
@@ -549,9 +561,12 @@ def test_a_stop_signal_is_recorded_and_checked_at_the_next_safe_point(tmp_path, 
 def test_checkpoints_are_due_every_checkpoint_every_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(run_folder, "stop_requested", [])
     run = RunFolder.create(tmp_path, "toy", {"method": "toy", "checkpoint_every": 10, "checkpoint_minutes": 30.0})
-    assert not run.checkpoint_due(9) and run.checkpoint_due(10) and not run.checkpoint_due(10, safe=False)
+    assert not run.checkpoint_due(9)
+    assert run.checkpoint_due(10)
+    assert not run.checkpoint_due(10, safe=False)
     run.save_latest({"phase": "offline", "step": 10}, np.random.default_rng(0))
-    assert not run.checkpoint_due(19) and run.checkpoint_due(20)
+    assert not run.checkpoint_due(19)
+    assert run.checkpoint_due(20)
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,11 +589,13 @@ def test_csv_log_keep_rows_truncates_after_the_checkpointed_rows(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("phase,step\noffline,0\noffline,20\noffline,40\nonl")  # 3 rows and half a fourth
     log = CsvLog(path, ["phase", "step"], keep_rows=2)  # latest.pt was written after the second row
-    assert log.rows == 2 and path.read_text() == "phase,step\noffline,0\noffline,20\n"
+    assert log.rows == 2
+    assert path.read_text() == "phase,step\noffline,0\noffline,20\n"
     log.write({"phase": "offline", "step": 40})
     log.close()
     assert read_rows(path) == [["phase", "step"], ["offline", "0"], ["offline", "20"], ["offline", "40"]]
-    assert CsvLog(path, ["phase", "step"], keep_rows=0).rows == 0 and path.read_text() == "phase,step\n"
+    assert CsvLog(path, ["phase", "step"], keep_rows=0).rows == 0
+    assert path.read_text() == "phase,step\n"
 
 
 @pytest.mark.parametrize(
@@ -611,7 +628,9 @@ def test_run_folders_created_in_the_same_second_get_distinct_names(tmp_path, mon
     ]
     for run, kp in zip(runs, (0.0, 1.0, 2.0)):
         config = json.loads((run.path / "config.json").read_text())
-        assert config["kp"] == kp and config["host"] == socket.gethostname() and "torch" in config["versions"]
+        assert config["kp"] == kp
+        assert config["host"] == socket.gethostname()
+        assert "torch" in config["versions"]
         assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json"]
 
 
@@ -657,7 +676,9 @@ def test_reopen_a_run(tmp_path):
     run.close()
     os.close(run_folder.LOCKS.pop())  # unlocked, as if the first process had ended
     again = RunFolder.reopen(run.path)
-    assert again.resumed and again.latest["step"] == 5 and again.config["method"] == "toy"
+    assert again.resumed
+    assert again.latest["step"] == 5
+    assert again.config["method"] == "toy"
     assert again.wall_s() >= 2.0
     again.log("progress", ["phase", "step"]).write({"phase": "offline", "step": 10})
     again.close()
@@ -730,7 +751,8 @@ def test_load_torch_of_a_damaged_file_is_one_line(tmp_path, kind):
         torch.save({"meta": Evil(marker)}, path)
     with pytest.raises(UsageError, match=rf"^--resume: {path} is not a readable checkpoint \(\w+: .+\)$") as error:
         load_torch(path, "--resume")
-    assert one_line(error) and not marker.exists()
+    assert one_line(error)
+    assert not marker.exists()
 
 
 def test_check_output_dir(tmp_path):
@@ -787,7 +809,8 @@ def test_tracker_mirrors_numeric_values_on_one_step_axis(tmp_path, monkeypatch):
         ("progress/alpha", 0.4, 20),
         ("progress/normalized_score", 7.5, 130),
     ]  # online steps follow the 100 offline ones
-    assert writer.closed and tracker.wandb is None
+    assert writer.closed
+    assert tracker.wandb is None
     installed.clear()
     with pytest.raises(UsageError, match="--track needs TensorBoard or wandb"):
         tracking.check_tracking()
@@ -801,7 +824,8 @@ def test_checkpoints_are_due_after_checkpoint_minutes_of_wall_time(tmp_path, mon
     clock[0] += 119.0
     assert not run.checkpoint_due(5)
     clock[0] += 1.0  # 2 minutes since the run started
-    assert run.checkpoint_due(5) and not run.checkpoint_due(5, safe=False)  # mid-episode: waits for its end
+    assert run.checkpoint_due(5)
+    assert not run.checkpoint_due(5, safe=False)  # mid-episode: waits for its end
     run.save_latest({"phase": "online", "step": 5}, np.random.default_rng(0))
     assert not run.checkpoint_due(6)  # the clock starts again at each checkpoint
 
@@ -813,7 +837,8 @@ def test_config_records_the_git_commit_of_the_code(tmp_path):
     if head.returncode != 0:
         assert recorded is None  # not a git checkout
     else:
-        assert recorded.split("-")[0] == head.stdout.strip() and recorded in (
+        assert recorded.split("-")[0] == head.stdout.strip()
+        assert recorded in (
             head.stdout.strip(),
             head.stdout.strip() + "-dirty",
         )

@@ -4,20 +4,17 @@ back with Minari and replayed through the environment; --stop-at-score; resume a
 
 import functools
 import json
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, FixedActor, assert_same_networks, read_csv, run_script, signal_when, start_script
+from conftest import FixedActor, assert_same_networks, optimizer_steps, read_csv, run_script, signal_when, start_script
 
-sys.path.insert(0, str(ROOT / "baselines"))
-import redq  # noqa: E402
-
-from plumbing.cli import UsageError, parse_args  # noqa: E402
-from plumbing.recording import EpisodeRecorder  # noqa: E402
+import redq
+from plumbing.cli import UsageError, parse_args
+from plumbing.recording import EpisodeRecorder
 
 # A long warm-up (uniform actions: fast) in which the resume test's kill lands, then 100 steps with updates at
 # G = 3 and REDQ's actor rate. This run is also the uninterrupted run the resume test compares with.
@@ -47,11 +44,6 @@ RUN = [
 ]
 
 start = functools.partial(start_script, "baselines/redq.py")  # start(*flags, datasets_path=, cwd=)
-
-
-def optimizer_steps(agent_state):
-    """(critic, actor) Adam steps taken so far."""
-    return tuple(int(agent_state[f"{part}_optim"]["state"][0]["step"]) for part in ("critic", "actor"))
 
 
 # ---- Mechanisms ---------------------------------------------------------------------------------------------
@@ -110,14 +102,17 @@ def test_warm_up_actions_are_uniform_and_ignore_the_policy():
     # Uniform on [-2, 2] x [0, 1]: means 0 and 0.5, stds 4/sqrt(12) = 1.155 and 1/sqrt(12) = 0.289.
     assert np.allclose(actions.mean(0), [0.0, 0.5], atol=0.05)
     assert np.allclose(actions.std(0), [1.155, 0.289], atol=0.02)
-    assert actions.min(0)[0] < -1.99 and actions.max(0)[0] > 1.99 and actions.min(0)[1] < 0.01
+    assert actions.min(0)[0] < -1.99
+    assert actions.max(0)[0] > 1.99
+    assert actions.min(0)[1] < 0.01
     # From step learning_starts + 1 on: pi(s) + noise, clipped to the box.
     pi = FixedActor(torch.tensor([[0.5, 0.9]]))
     assert np.allclose(redq.explore(pi, np.zeros(3), 5001, 5000, space, 0.0, rng, "cpu"), [0.5, 0.9])
     noisy = np.array(
         [redq.explore(pi, np.zeros(3), 5001, 5000, space, np.array([0.1, 0.1]), rng, "cpu") for _ in range(2000)]
     )
-    assert abs(noisy[:, 0].std() - 0.1) < 0.01 and noisy[:, 1].max() == 1.0  # 0.9 + noise clipped at 1
+    assert abs(noisy[:, 0].std() - 0.1) < 0.01
+    assert noisy[:, 1].max() == 1.0  # 0.9 + noise clipped at 1
 
 
 def test_actor_maximizes_the_ensemble_mean_without_bc():
@@ -133,8 +128,10 @@ def test_recorded_steps_split_into_episodes_and_the_last_one_is_cut():
     for obs, next_obs, term, trunc in [(0, 1, 0, 0), (1, 2, 1, 0), (10, 11, 0, 0), (11, 12, 0, 1), (20, 21, 0, 0)]:
         record.add([obs], [0.5], obs / 10, term, trunc, [next_obs])
     a, b, c = record.episodes()
-    assert a["observations"][:, 0].tolist() == [0, 1, 2] and b["observations"][:, 0].tolist() == [10, 11, 12]
-    assert c["observations"][:, 0].tolist() == [20, 21] and b["rewards"].tolist() == [1.0, 1.1]
+    assert a["observations"][:, 0].tolist() == [0, 1, 2]
+    assert b["observations"][:, 0].tolist() == [10, 11, 12]
+    assert c["observations"][:, 0].tolist() == [20, 21]
+    assert b["rewards"].tolist() == [1.0, 1.1]
     assert (a["terminations"].tolist(), a["truncations"].tolist()) == ([False, True], [False, False])
     assert (b["terminations"].tolist(), b["truncations"].tolist()) == ([False, False], [False, True])
     assert (c["terminations"].tolist(), c["truncations"].tolist()) == ([False], [True])  # cut: a time-out
@@ -173,7 +170,8 @@ def test_refuses_to_overwrite_a_dataset_before_training(tmp_path, monkeypatch):
 def test_no_dataset_flags(flag, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(redq.Args, redq.METHOD, [flag, "1"])
-    assert e.value.code == 2 and f"Unrecognized options: {flag}" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"Unrecognized options: {flag}" in capsys.readouterr().err
 
 
 # ---- End to end, with both exports --------------------------------------------------------------------------
@@ -197,13 +195,15 @@ def redq_run(tmp_path_factory):
     return run_dir, proc, datasets
 
 
+@pytest.mark.slow
 def test_run_from_scratch(redq_run):
     run_dir, proc, _ = redq_run
     assert run_dir.name.startswith("hopper-scratch__redq__0__")
     assert {"config.json", "progress.csv", "episodes.csv", "final.pt", "actor.pt"} <= {
         p.name for p in run_dir.iterdir()
     }
-    assert not (run_dir / "offline.pt").exists() and not (run_dir / "latest.pt").exists()
+    assert not (run_dir / "offline.pt").exists()
+    assert not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["method"], config["dataset_id"], config["env_id"], config["dataset"]) == (
         "redq",
@@ -224,7 +224,7 @@ def test_run_from_scratch(redq_run):
     assert [r["critic_loss"] == "" for r in rows] == [True] * 3 + [False]  # no updates in the warm-up
     # Item 5 of issue 14: 100 env steps after the warm-up at G = 3: 300 critic steps; one actor step per env step
     # (at the default rate, every 2nd gradient step: 150).
-    assert optimizer_steps(torch.load(run_dir / "final.pt", weights_only=True)["agent"]) == (300, 100)
+    assert optimizer_steps(run_dir) == (300, 100)
     episodes = read_csv(run_dir / "episodes.csv")
     assert [int(e["step"]) for e in episodes] == list(np.cumsum([int(e["length"]) for e in episodes]))
     assert proc.stdout.strip().splitlines()[-1].startswith("final normalized score")
@@ -241,7 +241,8 @@ def replay_through_env(dataset, seed):
         assert len(ep.observations) == len(ep.actions) + 1 == len(ep.rewards) + 1
         for t, action in enumerate(ep.actions):
             obs, reward, terminated, truncated, _ = env.step(action)
-            assert np.array_equal(obs, ep.observations[t + 1]) and reward == ep.rewards[t]
+            assert np.array_equal(obs, ep.observations[t + 1])
+            assert reward == ep.rewards[t]
             assert terminated == ep.terminations[t]
             if i < len(episodes) - 1 or t < len(ep.actions) - 1:
                 assert truncated == ep.truncations[t]
@@ -253,12 +254,15 @@ def check_dataset(dataset_id, datasets, num_steps, seed, monkeypatch):
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(datasets))
     ds = minari.load_dataset(dataset_id)
-    assert ds.total_steps == num_steps and ds.spec.env_spec.id == "Hopper-v5"
+    assert ds.total_steps == num_steps
+    assert ds.spec.env_spec.id == "Hopper-v5"
     episodes = replay_through_env(ds, seed)
-    assert sum(len(ep.rewards) for ep in episodes) == num_steps and len(episodes) == ds.total_episodes
+    assert sum(len(ep.rewards) for ep in episodes) == num_steps
+    assert len(episodes) == ds.total_episodes
     for ep in episodes[:-1]:  # each episode ends at its last step, by exactly one kind of end
         ends = ep.terminations | ep.truncations
-        assert not ends[:-1].any() and ends[-1]
+        assert not ends[:-1].any()
+        assert ends[-1]
     last = episodes[-1]  # cut by the budget: a time-out, unless it happened to terminate on its last step
     assert last.terminations[-1] != last.truncations[-1]
     assert any(ep.terminations[-1] for ep in episodes)  # hopper falls: real terminations are kept
@@ -266,22 +270,27 @@ def check_dataset(dataset_id, datasets, num_steps, seed, monkeypatch):
     return episodes
 
 
+@pytest.mark.slow
 def test_exported_replay_is_every_transition_the_agent_saw(redq_run, monkeypatch):
     episodes = check_dataset("local/hopper/medium-replay-v0", redq_run[2], 900, seed=0, monkeypatch=monkeypatch)
     actions = np.concatenate([ep.actions for ep in episodes])
     # The warm-up's uniform actions fill [-1, 1]; the untrained tiny policy's stay near its tanh output.
-    assert actions[:800].std() > 0.5 and actions[:800].min() < -0.99 and actions[:800].max() > 0.99
+    assert actions[:800].std() > 0.5
+    assert actions[:800].min() < -0.99
+    assert actions[:800].max() > 0.99
     logged = read_csv(redq_run[0] / "episodes.csv")  # episodes.csv has the finished ones, in the same order
     assert [float(e["return"]) for e in logged] == pytest.approx(
         [float(ep.rewards.sum()) for ep in episodes[: len(logged)]], rel=1e-5
     )
 
 
+@pytest.mark.slow
 def test_exported_rollouts_follow_the_final_policy(redq_run, monkeypatch):
     check_dataset("local/hopper/medium-v0", redq_run[2], 300, seed=200, monkeypatch=monkeypatch)
     assert [p.name for p in redq_run[2].iterdir() if p.name.startswith(".staging")] == []
 
 
+@pytest.mark.slow
 def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
     datasets = tmp_path / "minari"  # does not exist, and must not come to exist
     proc = run_script(
@@ -308,7 +317,8 @@ def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     # Step 0 never stops the run (nothing was trained); the first evaluation after it does.
     assert [int(r["step"]) for r in read_csv(run_dir / "progress.csv")] == [0, 50]
-    assert "stopping at step 50" in proc.stderr and (run_dir / "final.pt").exists()
+    assert "stopping at step 50" in proc.stderr
+    assert (run_dir / "final.pt").exists()
 
 
 # ---- Resume after SIGKILL -----------------------------------------------------------------------------------
@@ -317,6 +327,7 @@ def test_stops_at_the_score_and_reads_no_dataset(tmp_path):
 COMPARED = ["phase", "step", "normalized_score", "normalized_score_std", "return_mean", "episode_normalized_return"]
 
 
+@pytest.mark.slow
 def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_run, tmp_path, monkeypatch):
     run_a, _, datasets = redq_run
     kw = dict(datasets_path=datasets, cwd=tmp_path)

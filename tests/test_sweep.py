@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+import sweep
+
 SWEEP = ROOT / "scripts" / "sweep.py"
-spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-sweep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sweep)
 
 # A training script's outside: rejects unknown flags with exit 2 before any work, and so does --load-offline
 # given another --hidden-dim than its pre-training's (as the scripts' NETWORK_KEYS); writes
@@ -137,10 +136,12 @@ def test_figure_variants_all_fine_tune_their_group_s_pre_training():
         runs = runs_of("--figure", str(n))
         for p in pre_trainings(runs):
             pre, tunes = runs[p], [r for r in runs if r.after == p]
-            assert pre.after is None and pre.argv[-4:-2] == ["--online-steps", "0"]
+            assert pre.after is None
+            assert pre.argv[-4:-2] == ["--online-steps", "0"]
             assert [r.argv[8:-4] for r in tunes] == groups[tuple(pre.argv[8:-4])]
             for r in tunes:
-                assert option(r.argv, "--load-offline") == option(pre.argv, "--output-dir") and r.index > p
+                assert option(r.argv, "--load-offline") == option(pre.argv, "--output-dir")
+                assert r.index > p
                 assert r.argv[1:8] == pre.argv[1:8]  # script, env, dataset, seed
         whole = [r for r in runs if r.after is None and r.index not in pre_trainings(runs)]
         assert {r.argv[1] for r in whole} <= ({"redq_adaptive_bc.py", "baselines/redq.py"} if n == 2 else set())
@@ -184,7 +185,8 @@ def test_figure_2_scratch_once_per_env_and_seed_and_g_matched_rows():
     assert {option(r.argv, "--dataset") for r in runs if "baselines/redq.py" in r.argv} == {"scratch"}
     for script in ("baselines/td3_bc.py", "baselines/awac.py", "baselines/balanced_replay.py"):
         rows = [r for r in runs if script in r.argv]  # a pre-training, then G = 1 and G = 20 fine-tunes
-        assert len(rows) == 3 * 60 and sum(option(r.argv, "--utd") == "20" for r in rows) == 60
+        assert len(rows) == 3 * 60
+        assert sum(option(r.argv, "--utd") == "20" for r in rows) == 60
         assert sum(option(r.argv, "--online-steps") == "0" for r in rows) == 60
     assert not any(
         {"--utd", "--online-steps", "--load-offline"} & set(r.argv) for r in runs if "redq_adaptive_bc.py" in r.argv
@@ -214,7 +216,8 @@ def test_figure_flags_are_the_scripts_own():
 def test_dry_run_writes_nothing(tmp_path, capsys):
     assert sweep.main(["--figure", "4", "--seeds", "0", "--dry-run", "--sweep-dir", str(tmp_path / "sw")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len([line for line in lines if line.startswith("python ")]) == 9 and not (tmp_path / "sw").exists()
+    assert len([line for line in lines if line.startswith("python ")]) == 9
+    assert not (tmp_path / "sw").exists()
     assert lines[-1].endswith(
         f"python plot.py {tmp_path}/sw/runs/ --methods td3_bc --datasets random --label-by keep_ratio --out plots/fig4"
     )
@@ -234,8 +237,10 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
 )
 def test_bad_sweep_input_is_one_line_exit_2(args, needle):
     result = subprocess.run([sys.executable, str(SWEEP), *args, "--dry-run"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert needle in result.stderr, result.stderr
 
 
 def test_a_bare_flag_is_a_variant_in_the_documented_form():
@@ -340,7 +345,8 @@ def test_flags_pass_through_a_method_by_path_and_resume(stub, tmp_path, capsys):
     assert sweep.main(args) == 0  # again: task 0 is complete, task 1 resumes its unfinished run
     assert capsys.readouterr().out.splitlines()[-2] == "2 runs: 1 complete, 1 ok"
     (run1, first), (_, second) = calls(sd / "runs" / "task_1")
-    assert "--fail" in first["argv"] and second["argv"] == ["--resume", str(run1)]
+    assert "--fail" in first["argv"]
+    assert second["argv"] == ["--resume", str(run1)]
     assert len(calls(sd / "runs" / "task_0")) == 1
 
 
@@ -350,7 +356,8 @@ def test_a_bad_flag_fails_the_first_run_with_exit_2_and_stops_the_sweep(stub, tm
         ["--methods", str(stub), "--seeds", "0", "1", "2", "--extra", "--bogus 1", "--sweep-dir", str(sd)]
     )
     out, err = capsys.readouterr()
-    assert code == 2 and out.splitlines()[-2] == "3 runs: 1 failed, 2 not started"
+    assert code == 2
+    assert out.splitlines()[-2] == "3 runs: 1 failed, 2 not started"
     assert "FAILED task 0 (exit 2): error: unknown flag --bogus" in err
     assert not (sd / "logs" / "task_1.log").exists()
 
@@ -391,8 +398,10 @@ def test_pre_train_once_locally(stub, tmp_path, capsys, monkeypatch):
     ]
     for pre, hidden in [(0, None), (1, "8"), (2, None), (3, "8")]:
         ((_, call),) = calls(sd / "runs" / f"task_{pre}")
-        assert call["argv"].count("--online-steps") == 1 and option(call["argv"], "--online-steps") == "0"
-        assert option(call["argv"], "--hidden-dim") == hidden and "--utd" not in call["argv"]
+        assert call["argv"].count("--online-steps") == 1
+        assert option(call["argv"], "--online-steps") == "0"
+        assert option(call["argv"], "--hidden-dim") == hidden
+        assert "--utd" not in call["argv"]
     for i, pre, utd in [(4, 0, None), (5, 0, "20"), (6, 1, "5"), (7, 2, None), (8, 2, "20"), (9, 3, "5")]:
         ((pre_run, pre_call),) = calls(sd / "runs" / f"task_{pre}")
         ((_, call),) = calls(sd / "runs" / f"task_{i}")
@@ -420,7 +429,8 @@ def test_pre_train_once_locally(stub, tmp_path, capsys, monkeypatch):
         capture_output=True,
         text=True,
     )
-    assert mixed.returncode == 2 and "another --hidden-dim" in mixed.stderr  # what a wrong grouping would meet
+    assert mixed.returncode == 2
+    assert "another --hidden-dim" in mixed.stderr  # what a wrong grouping would meet
     capsys.readouterr()
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.splitlines()[-2] == "10 runs: 10 complete"
@@ -471,7 +481,8 @@ def test_interrupted_sweep_stops_its_runs_with_sigterm(stub, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and out.splitlines()[-2] == "3 runs: 2 interrupted, 1 not started"
+    assert proc.returncode == 130
+    assert out.splitlines()[-2] == "3 runs: 2 interrupted, 1 not started"
     assert len(list(sd.glob("runs/task_*/*/latest.pt"))) == 2  # the runs saved their state
 
 
@@ -621,9 +632,11 @@ def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
     sd, file, tmp_path = slurm_sweep
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2), timeout=60).returncode == 0
     ((pre_run, pre_call),) = calls(sd / "runs" / "task_2")
-    assert option(pre_call["argv"], "--online-steps") == "0" and "--hidden-dim" not in pre_call["argv"]
+    assert option(pre_call["argv"], "--online-steps") == "0"
+    assert "--hidden-dim" not in pre_call["argv"]
     log = (sd / "logs" / "task_2.log").read_text().splitlines()  # the task's own log, as a local sweep writes
-    assert log[0].startswith("=== ") and log[-1].startswith(f"+ {sys.executable} {stub_of(sd)} --env walker2d")
+    assert log[0].startswith("=== ")
+    assert log[-1].startswith(f"+ {sys.executable} {stub_of(sd)} --env walker2d")
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 2, slot=1), timeout=60).returncode == 0
     ((_, call),) = calls(sd / "runs" / "task_8")
     assert option(call["argv"], "--utd") == "20"
@@ -632,7 +645,8 @@ def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3), timeout=60).returncode == 0
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=0), timeout=60).returncode == 0
     ((_, call),) = calls(sd / "runs" / "task_9")
-    assert option(call["argv"], "--hidden-dim") == "8" and "/task_3/" in option(call["argv"], "--load-offline")
+    assert option(call["argv"], "--hidden-dim") == "8"
+    assert "/task_3/" in option(call["argv"], "--load-offline")
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 3, slot=1), capture_output=True).returncode == 2
 
     task = subprocess.Popen(["bash", str(file)], env=task_env(tmp_path, 10, STUB_SLEEP="60"))
@@ -642,9 +656,12 @@ def test_slurm_tasks_fine_tune_requeue_and_resume(slurm_sweep):
     task.send_signal(signal.SIGUSR1)  # --signal=B:USR1 signals the batch shell only
     assert task.wait(timeout=30) == 128 + signal.SIGUSR1
     ((run, call),) = calls(sd / "runs" / "task_10")
-    assert call["signals"] == [signal.SIGUSR1] and (run / "latest.pt").exists()
+    assert call["signals"] == [signal.SIGUSR1]
+    assert (run / "latest.pt").exists()
     assert (tmp_path / "slurm.log").read_text().splitlines()[-1] == "scontrol requeue 77_10"
     assert subprocess.run(["bash", str(file)], env=task_env(tmp_path, 10), timeout=60).returncode == 0  # requeued
-    assert calls(sd / "runs" / "task_10")[-1][1]["argv"] == ["--resume", str(run)] and (run / "final.pt").exists()
+    assert calls(sd / "runs" / "task_10")[-1][1]["argv"] == ["--resume", str(run)]
+    assert (run / "final.pt").exists()
     again = subprocess.run(["bash", str(file)], env=task_env(tmp_path, 10), timeout=60)
-    assert again.returncode == 0 and "complete: " in (sd / "logs" / "task_10.log").read_text()
+    assert again.returncode == 0
+    assert "complete: " in (sd / "logs" / "task_10.log").read_text()

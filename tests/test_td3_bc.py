@@ -3,17 +3,23 @@ end to end as a subprocess with tiny budgets (a run, --load-offline, resume afte
 
 import functools
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, FixedActor, assert_same_networks, read_csv, run_script, signal_when, start_script
+from conftest import (
+    HOPPER_REF,
+    FixedActor,
+    assert_same_networks,
+    optimizer_steps,
+    read_csv,
+    run_script,
+    signal_when,
+    start_script,
+)
 
-sys.path.insert(0, str(ROOT / "baselines"))
-import td3_bc  # noqa: E402
-
-from plumbing.cli import UsageError, parse_args  # noqa: E402
+import td3_bc
+from plumbing.cli import UsageError, parse_args
 
 # conftest's 400-step dataset; 3 offline and 2 online evaluations. Long enough (a few seconds) for the resume
 # test to catch each phase's checkpoints: this run is also the uninterrupted run it compares with.
@@ -39,15 +45,8 @@ RUN = [
     "--checkpoint-every",
     50,
 ]
-REF = (-20.272305, 3234.3)  # D4RL's hopper scores: conftest's dataset has none in its metadata
 
 start = functools.partial(start_script, "baselines/td3_bc.py")  # start(*flags, datasets_path=, cwd=)
-
-
-def optimizer_steps(run_dir, name="final.pt"):
-    """(critic, actor) Adam steps taken so far, from a checkpoint's optimizer states."""
-    agent = torch.load(run_dir / name, weights_only=True)["agent"]
-    return tuple(int(agent[f"{part}_optim"]["state"][0]["step"]) for part in ("critic", "actor"))
 
 
 # ---- Mechanisms ---------------------------------------------------------------------------------------------
@@ -73,7 +72,8 @@ def test_target_takes_the_min_of_both_critics():
         policy_noise=0.0,
         noise_clip=0.5,
     )
-    assert torch.allclose(y, torch.tensor([2.8, 0.5])) and calls == [None]  # both critics, no random subset
+    assert torch.allclose(y, torch.tensor([2.8, 0.5]))
+    assert calls == [None]  # both critics, no random subset
     agent = td3_bc.Agent(2, 1, np.array([-1.0]), np.array([1.0]), td3_bc.Args(hidden_dim=8), torch.device("cpu"))
     assert agent.critic(torch.zeros(4, 2), torch.zeros(4, 1)).shape == (2, 4)  # N = 2 in one batched module
 
@@ -96,7 +96,8 @@ def test_actor_follows_q1_alone_and_the_critic_loss_sums_both():
     td3_bc.actor_loss(
         FixedActor(torch.zeros(4, 1)), ens, batch([0.0] * 4, [0.0] * 4, torch.zeros(4, 1)), alpha=0.4
     ).backward()
-    assert ens.weights[-1].grad[0].abs().sum() > 0 and ens.weights[-1].grad[1].abs().sum() == 0
+    assert ens.weights[-1].grad[0].abs().sum() > 0
+    assert ens.weights[-1].grad[1].abs().sum() == 0
     # Critic loss: per-critic MSE to y = 0, summed: (1 + 9) / 2 + (10000 + 2500) / 2 = 6255.
     assert td3_bc.critic_loss(critic, b, torch.zeros(2))[0].item() == pytest.approx(6255.0)
 
@@ -110,10 +111,12 @@ def test_td3_ft_keeps_the_whole_dataset_and_fig4_keeps_five_percent():
     online = td3_bc.downsample(
         buf, 1000 + 250, args.keep_ratio, args.keep_min, args.keep_with_replacement, torch.Generator().manual_seed(0)
     )
-    assert online.size == 1000 and sorted(online.data.rewards[:1000].tolist()) == rewards.tolist()
+    assert online.size == 1000
+    assert sorted(online.data.rewards[:1000].tolist()) == rewards.tolist()
     assert torch.equal(online.data.obs[:1000, 0], online.data.rewards[:1000])  # rows stay whole transitions
     assert td3_bc.downsample(buf, 1250, 0.05, 0, False, torch.Generator().manual_seed(0)).size == 50
-    assert td3_bc.num_kept(1000, 0.05, 50_000) == 1000 and td3_bc.num_kept(2_000_000, 0.05, 50_000) == 100_000
+    assert td3_bc.num_kept(1000, 0.05, 50_000) == 1000
+    assert td3_bc.num_kept(2_000_000, 0.05, 50_000) == 100_000
 
 
 @pytest.mark.parametrize(
@@ -134,7 +137,8 @@ def test_bad_values(flags, message):
 def test_no_ensemble_flags(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(td3_bc.Args, td3_bc.METHOD, ["--num-critics", "10"])
-    assert e.value.code == 2 and "Unrecognized options: --num-critics" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "Unrecognized options: --num-critics" in capsys.readouterr().err
 
 
 # ---- End to end ---------------------------------------------------------------------------------------------
@@ -147,17 +151,22 @@ def td3_run(datasets_path, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_run_writes_its_folder(td3_run):
     run_dir, proc = td3_run
     assert run_dir.name.startswith("hopper-uniform-random-400steps__td3_bc__0__")
     assert {"config.json", "progress.csv", "episodes.csv", "offline.pt", "final.pt", "actor.pt"} <= {
         p.name for p in run_dir.iterdir()
-    } and not (run_dir / "latest.pt").exists()
+    }
+    assert not (run_dir / "latest.pt").exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["method"] == "td3_bc" and config["dataset_id"] == "local/hopper/uniform-random-400steps-v0"
-    assert (config["ref_min_score"], config["ref_max_score"]) == REF and config["alpha_offline"] == 0.4
+    assert config["method"] == "td3_bc"
+    assert config["dataset_id"] == "local/hopper/uniform-random-400steps-v0"
+    assert (config["ref_min_score"], config["ref_max_score"]) == HOPPER_REF
+    assert config["alpha_offline"] == 0.4
     # The whole 400-step dataset is kept, and the buffer holds it plus every online step.
-    assert config["dataset_transitions"] == config["offline_kept"] == 400 and config["buffer_size"] == 600
+    assert config["dataset_transitions"] == config["offline_kept"] == 400
+    assert config["buffer_size"] == 600
     assert "kept 400 offline transitions, FIFO capacity 600" in proc.stderr
     with open(run_dir / "progress.csv") as f:
         assert f.readline().strip().split(",") == td3_bc.COLUMNS
@@ -175,6 +184,7 @@ def test_run_writes_its_folder(td3_run):
     assert torch.load(run_dir / "actor.pt", weights_only=True)["meta"]["actor"]["kwargs"]["hidden_dim"] == 16
 
 
+@pytest.mark.slow
 def test_updates_per_env_step(td3_run):
     # Item 4 of issue 14, G: K + G x T critic steps, half of them actor steps (policy_freq 2).
     # 400 offline + 2 x 200 online = 800 critic steps, 400 actor steps; offline.pt holds the first 400 and 200.
@@ -183,15 +193,18 @@ def test_updates_per_env_step(td3_run):
     assert optimizer_steps(run_dir) == (800, 400)
 
 
+@pytest.mark.slow
 def test_episodes_log_one_row_per_training_episode(td3_run):
     run_dir, _ = td3_run
     episodes = read_csv(run_dir / "episodes.csv")
-    assert episodes and list(episodes[0]) == ["step", "length", "return", "normalized_return"]
+    assert episodes
+    assert list(episodes[0]) == ["step", "length", "return", "normalized_return"]
     # Episodes follow each other: each ends length steps after the previous one, within the 60 online steps.
     ends = [int(e["step"]) for e in episodes]
-    assert ends == list(np.cumsum([int(e["length"]) for e in episodes])) and ends[-1] <= 200
+    assert ends == list(np.cumsum([int(e["length"]) for e in episodes]))
+    assert ends[-1] <= 200
     for e in episodes:  # D4RL normalization x100: (return - ref_min) / (ref_max - ref_min) x 100
-        expected = 100 * (float(e["return"]) - REF[0]) / (REF[1] - REF[0])
+        expected = 100 * (float(e["return"]) - HOPPER_REF[0]) / (HOPPER_REF[1] - HOPPER_REF[0])
         assert float(e["normalized_return"]) == pytest.approx(expected, rel=1e-5)
     online = [r for r in read_csv(run_dir / "progress.csv") if r["phase"] == "online" and r["step"] != "0"]
     last = [
@@ -203,6 +216,7 @@ def test_episodes_log_one_row_per_training_episode(td3_run):
     ]
 
 
+@pytest.mark.slow
 def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path, tmp_path):
     run_dir, _ = td3_run
     proc = run_script(
@@ -231,15 +245,19 @@ def test_fixed_alpha_and_downsampling_from_a_loaded_agent(td3_run, datasets_path
     assert proc.returncode == 0, proc.stderr
     (new_run,) = tmp_path.iterdir()
     rows = read_csv(new_run / "progress.csv")
-    assert [r["phase"] for r in rows] == ["online"] * 4 and {float(r["alpha"]) for r in rows} == {0.3}
+    assert [r["phase"] for r in rows] == ["online"] * 4
+    assert {float(r["alpha"]) for r in rows} == {0.3}
     config = json.loads((new_run / "config.json").read_text())  # dataset and networks come from the loaded run
     assert (config["dataset"], config["random_dataset_steps"], config["hidden_dim"]) == ("uniform-random", 400, 16)
-    assert config["offline_kept"] == 20 and config["buffer_size"] == 80  # ceil(5% of 400), + 60 online
-    assert config["pretrained_from"] == str(run_dir / "offline.pt") and not (new_run / "offline.pt").exists()
+    assert config["offline_kept"] == 20
+    assert config["buffer_size"] == 80  # ceil(5% of 400), + 60 online
+    assert config["pretrained_from"] == str(run_dir / "offline.pt")
+    assert not (new_run / "offline.pt").exists()
     # The loaded optimizers continue: 400 + 1 x 60 critic steps (G = 1, the default), 200 + 30 actor steps.
     assert optimizer_steps(new_run) == (460, 230)
 
 
+@pytest.mark.slow
 def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
     """--online-steps 0 (a sweep's pre-training stage): offline.pt, final.pt and actor.pt, no online rows."""
     proc = run_script(
@@ -273,7 +291,8 @@ def test_online_steps_0_pre_trains_only(datasets_path, tmp_path):
         ("offline", "20"),
         ("offline", "40"),
     ]
-    assert not read_csv(run_dir / "episodes.csv") and "switch to online" not in proc.stderr
+    assert not read_csv(run_dir / "episodes.csv")
+    assert "switch to online" not in proc.stderr
     assert optimizer_steps(run_dir) == optimizer_steps(run_dir, "offline.pt") == (40, 20)
 
 
@@ -291,6 +310,7 @@ COMPARED = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datasets_path, tmp_path):
     run_a, kw = td3_run[0], dict(datasets_path=datasets_path, cwd=tmp_path)
     signal_when(start(*RUN, "--output-dir", tmp_path, **kw), tmp_path, "offline", 100)  # a real SIGKILL

@@ -11,11 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from commands import GOLDEN_RUNS, build_dataset, largest_relative_difference  # this folder is sys.path[0]
+from record import read_rows
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-from commands import GOLDEN_RUNS, build_dataset, largest_relative_difference  # noqa: E402
-from record import read_rows  # noqa: E402
 
 CHANGES = {
     "redq_adaptive_bc_defaults": [

@@ -16,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from commands import COMPARED, GOLDEN_RUNS, build_dataset  # this folder is sys.path[0] when run as a script
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-from commands import COMPARED, GOLDEN_RUNS, build_dataset  # noqa: E402
 
 
 def read_rows(path):
