@@ -5,7 +5,9 @@ script end to end as a subprocess with tiny budgets (a run, --load-offline, resu
 import functools
 import json
 import math
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -453,3 +455,58 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, 
     assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target", "ratio"))
     # Blocks of 50 over 300 steps, the first x10: 500 + 5 x 50 = 750 updates after 600 offline ones.
     assert optimizer_steps(run_b) == optimizer_steps(run_a) == (1350, 675, 750)
+
+
+# ---- A stop signal during an evaluation ---------------------------------------------------------------------
+TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(datasets_path, tmp_path):
+    # Evaluations of 150 episodes every 5 gradient steps: the run spends nearly all its time evaluating, so a
+    # SIGTERM sent just after the first row lands in the evaluation at step 5 (latest.pt says which). Pre-training
+    # only: online, a stop signal cuts the training episode, so a resumed run cannot match an uninterrupted one.
+    flags = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", 10, "--online-steps", 0]
+    flags += [
+        "--eval-every",
+        5,
+        "--eval-episodes",
+        150,
+        "--hidden-dim",
+        16,
+        "--batch-size",
+        32,
+        "--ratio-hidden-dim",
+        16,
+    ]
+    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
+    stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("b/*/progress.csv")):
+        time.sleep(0.05)
+    (run_b,) = (tmp_path / "b").iterdir()
+    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < 1:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sent = time.time()
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=60)
+    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
+    assert stopped.returncode == 143, err
+    assert "Traceback" not in err, err
+    state = torch.load(run_b / "latest.pt", weights_only=True)
+    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
+    assert state["step"] == 5, "the state saved is the one before the evaluation at step 5"
+    assert len(read_csv(run_b / "progress.csv")) == 1, "the cut evaluation wrote no row"
+    resumed = start("--resume", run_b, **kw)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    uninterrupted = start(*flags, "--output-dir", tmp_path / "a", **kw)
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    (run_a,) = (tmp_path / "a").iterdir()
+    same = [c for c in br.COLUMNS if c not in TIMINGS]
+    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
+    assert [(r["phase"], r["step"]) for r in rows_b] == [("offline", "0"), ("offline", "5"), ("offline", "10")]
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target", "ratio"))
