@@ -497,13 +497,13 @@ def pretrain(agent, buffer, args, run, task, rng, start=0, evaluation_due=True):
 
 
 def start_online(agent, buffer, args, run, task, rng, num_offline):
-    """AWAC has no switch: the dataset stays in the buffer and online data are appended after it."""
+    """AWAC has no switch: the dataset stays in the buffer and online data are appended after it. Fine-tuning
+    starts by evaluating the pre-trained agent."""
     kept = f"all {buffer.size} offline transitions, FIFO capacity {buffer.capacity}"
     print(f"switch to online: the buffer keeps {kept}", file=sys.stderr)
-    # A stop signal here resumes from the end of pre-training, which redoes this evaluation.
-    log_evaluation(run, agent, task, args, rng, "online", 0, checkpoint(agent, "offline", args.offline_steps))
-    run.save_latest(checkpoint(agent, "online", 0, buffer, num_offline, R_current=None), rng, task.env)
-    return dict(step=0, R_current=None)
+    state = dict(R_current=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, buffer, num_offline, **state), rng, task.env)
+    return dict(state, step=0)
 
 
 def evaluate_online(run, agent, task, args, rng, buffer, num_offline, step, R_current):
@@ -519,7 +519,7 @@ def finetune(agent, buffer, args, run, task, rng, state, num_offline):
     """T environment steps acting by sampling pi, G gradient steps each; one episodes.csv row per episode."""
     R_current = state["R_current"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
-    if state.get("evaluation_due"):  # a stop signal cut this evaluation short: redo it
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
         evaluate_online(run, agent, task, args, rng, buffer, num_offline, state["step"], R_current)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0

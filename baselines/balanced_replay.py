@@ -580,16 +580,13 @@ def online_buffers(offline, args, latest=None):
 
 
 def switch_to_online(agent, offline, args, run, task, rng):
-    """The switch: three buffers from here on; evaluate the pre-trained agent."""
+    """The switch: three buffers from here on. Fine-tuning starts by evaluating the pre-trained agent."""
     online, joint = online_buffers(offline, args)
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in run.config["buffer_bytes"].items())
     print(f"switch to online: replay buffers take {sizes}", file=sys.stderr)
-    # A stop signal here resumes from the end of pre-training, which redoes the switch.
-    resume = checkpoint(agent, "offline", args.offline_steps)
-    memory = run.config["buffer_bytes"]["total"]
-    log_evaluation(run, agent, task, args, rng, "online", 0, args.alpha_online, resume, buffer_bytes=memory)
-    run.save_latest(checkpoint(agent, "online", 0, online, joint, R_current=None), rng, task.env)
-    return online, joint, dict(step=0, R_current=None)
+    state = dict(R_current=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, online, joint, **state), rng, task.env)
+    return online, joint, dict(state, step=0)
 
 
 def replay_updates(agent, offline, online, joint, args, run, alpha_online, num_updates):
@@ -620,7 +617,7 @@ def finetune(agent, offline, online, joint, args, run, task, rng, state):
     R_current = state["R_current"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
-    if state.get("evaluation_due"):  # a stop signal cut this evaluation short: redo it
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
         evaluate_online(run, agent, task, args, rng, online, joint, state["step"], R_current)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0

@@ -442,18 +442,17 @@ def pretrain(agent, buffer, args, run, task, rng, start=0, evaluation_due=True):
 
 
 def switch_to_online(agent, buffer, args, run, task, rng):
-    """Keep the offline data (TD3-ft: all of it) in the online buffer, evaluate the pre-trained agent."""
+    """Keep the offline data (TD3-ft: all of it) in the online buffer; fine-tuning starts by evaluating the
+    pre-trained agent."""
     generator = torch.Generator().manual_seed(args.seed)
     online_buffer = downsample(
         buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement, generator
     )
     kept, capacity = online_buffer.size, online_buffer.capacity
     print(f"switch to online: kept {kept} offline transitions, FIFO capacity {capacity}", file=sys.stderr)
-    # A stop signal here resumes from the end of pre-training, which redoes the switch (its draw is seeded).
-    resume = checkpoint(agent, "offline", args.offline_steps)
-    log_evaluation(run, agent, task, args, rng, "online", 0, args.alpha_online, resume)
-    run.save_latest(checkpoint(agent, "online", 0, online_buffer, R_episode=None), rng, task.env)
-    return online_buffer, dict(step=0, R_episode=None)
+    state = dict(R_episode=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, online_buffer, **state), rng, task.env)
+    return online_buffer, dict(state, step=0)
 
 
 def evaluate_online(run, agent, task, args, rng, buffer, step, R_episode):
@@ -470,7 +469,7 @@ def finetune(agent, buffer, args, run, task, rng, state):
     R_episode = state["R_episode"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
-    if state.get("evaluation_due"):  # a stop signal cut this evaluation short: redo it
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
         evaluate_online(run, agent, task, args, rng, buffer, state["step"], R_episode)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
