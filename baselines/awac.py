@@ -69,7 +69,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import check_transitions, open_task
-from plumbing.errors import UsageError
+from plumbing.errors import UsageError, stop_requested
 from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, check_run_size, load_pretrained, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
 
@@ -124,7 +124,14 @@ class Args(RunArgs):
     """FIFO replay capacity (None = dataset + online steps: the whole dataset and every online step)"""
 
 
+def resolve_defaults(args: Args, dataset_size: int) -> None:
+    """Turn every None into its value (the one that depends on the data). config.json records it."""
+    if args.buffer_size is None:  # the whole dataset and every online step: nothing is overwritten
+        args.buffer_size = dataset_size + args.online_steps
+
+
 def check_args(args: Args) -> None:
+    """Reject bad values with one line (exit status 2). Unresolved defaults (None) pass."""
     check_ranges(
         args,
         positive=[
@@ -191,7 +198,8 @@ class GaussianActor(nn.Module):
         self.mean = nn.Linear(width, act_dim)
         # A learned vector by default, initialized at 0 (sigma = 1) as jaxrl's (policies.py:72-73)
         self.log_std = nn.Linear(width, act_dim) if state_dependent_std else nn.Parameter(torch.zeros(act_dim))
-        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.log_std_min = log_std_min
+        self.log_std_max = log_std_max
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -214,7 +222,8 @@ class CriticEnsemble(nn.Module):
     def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu"):
         super().__init__()
         sizes = [obs_dim + act_dim] + [hidden_dim] * hidden_layers + [1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
@@ -244,8 +253,11 @@ class ReplayBuffer:
     """Preallocated FIFO ring buffer on the training device; once full, a new transition overwrites the oldest."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device = capacity, device
-        self.ptr = self.size = self.added = 0  # added: every transition ever appended
+        self.capacity = capacity
+        self.device = device
+        self.ptr = 0  # where the next transition goes
+        self.size = 0
+        self.added = 0  # every transition ever appended
         self.data = Batch(
             *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
         )
@@ -256,7 +268,8 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
         self.added += n
 
     def sample(self, batch_size) -> Batch:
@@ -285,7 +298,9 @@ class ReplayBuffer:
         for name, storage in zip(Batch._fields, self.data):
             storage[:overwritten] = state[name][:overwritten]
             storage[rebuilt : state["size"]] = state[name][overwritten:]
-        self.ptr, self.size, self.added = state["ptr"], state["size"], state["added"]
+        self.ptr = state["ptr"]
+        self.size = state["size"]
+        self.added = state["added"]
 
 
 # ---- The gradient step: critic target and loss (1), advantage weights and actor loss (2), targets -------------
@@ -360,27 +375,29 @@ class Agent:
             self.actor.parameters(), lr=args.learning_rate, weight_decay=args.actor_weight_decay, fused=True
         )
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
-        self.args, self.device, self.num_updates = args, device, 0
+        self.args = args
+        self.device = device
+        self.num_updates = 0
 
     def update(self, batch: Batch) -> dict:
         """Critics first, then the actor against the updated critics (jaxrl's order, awac_learner.py:26-42).
         No host-device synchronization: the metrics stay tensors."""
-        a = self.args
+        args = self.args
         self.num_updates += 1
-        y = td_target(batch, self.actor, self.critic_target, a.gamma)
+        y = td_target(batch, self.actor, self.critic_target, args.gamma)
         loss_q, q_mean = critic_loss(self.critic, batch, y)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
         self.critic_optim.step()
         # The critics enter the actor loss only through the weights, computed without gradient.
         loss_pi, weight_max, policy_std = actor_loss(
-            self.actor, self.critic, batch, a.lam, a.normalize_weights, a.max_weight, a.num_action_samples
+            self.actor, self.critic, batch, args.lam, args.normalize_weights, args.max_weight, args.num_action_samples
         )
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.actor_optim.step()
-        if self.num_updates % a.target_update_period == 0:
-            soft_update(self.critic_target, self.critic, a.tau)
+        if self.num_updates % args.target_update_period == 0:
+            soft_update(self.critic_target, self.critic, args.tau)
         return {
             "critic_loss": loss_q.detach(),
             "actor_loss": loss_pi.detach(),
@@ -390,10 +407,8 @@ class Agent:
         }
 
     def state_dict(self):
-        return {
-            name: getattr(self, name).state_dict()
-            for name in ("actor", "critic", "critic_target", "actor_optim", "critic_optim")
-        }
+        names = ("actor", "critic", "critic_target", "actor_optim", "critic_optim")
+        return {name: getattr(self, name).state_dict() for name in names}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -413,37 +428,49 @@ def actor_kwargs(args: Args) -> dict:
 
 # ---- Evaluation -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(run, agent, task, args, phase, step, means, env_steps=0, **extra) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy (the Gaussian's mean) in --eval-episodes episodes, each
-    evaluation from the same seed, written as a progress.csv row (alpha empty: AWAC has no BC weight)."""
+def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray | None:
+    """Undiscounted returns of the deterministic policy (the Gaussian's mean) in `episodes` episodes, the first
+    reset with `seed` so every evaluation sees the same starts. None when a stop signal (SIGTERM) cut it short."""
     returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
-        done, episode_return = False, 0.0
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        done = False
+        episode_return = 0.0
         while not done:
+            if stop_requested:
+                return None
             action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
-            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
+            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    returns = np.array(returns)
-    run.log_evaluation(
-        phase,
-        step,
-        returns,
-        100 * task.normalized(returns),
-        means.pop(),
-        agent.num_updates,
-        env_steps,
-        alpha="",
-        **extra,
-    )
-    return returns
+    return np.array(returns)
 
 
 # weight_max and policy_std: AWAC's own, averaged over the gradient steps since the last row like the losses.
 COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return", "weight_max", "policy_std"]
 EPISODE_COLUMNS = ["step", "length", "return", "normalized_return"]
+
+
+def checkpoint(agent, phase, step, buffer=None, num_offline=0, **state) -> dict:
+    """What latest.pt holds besides the random streams: enough to continue this run exactly (--resume). The
+    buffer leaves out the dataset's num_offline transitions, which --resume reads again."""
+    buffer_state = {} if buffer is None else {"buffer": buffer.state_dict(rebuilt=num_offline)}
+    return dict(
+        phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **buffer_state, **state
+    )
+
+
+def log_evaluation(run, agent, task, args, rng, phase, step, resume: dict, env=None, **extra) -> np.ndarray:
+    """evaluate(), then a progress.csv row (alpha empty: AWAC has no BC weight) with the losses averaged since the
+    previous row. When a stop signal cuts the evaluation short, save `resume` (the state before it, so --resume
+    redoes it)."""
+    returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
+    if returns is None:
+        run.save_latest(dict(resume, evaluation_due=True), rng, env)  # raises Preempted
+    scores = 100 * task.normalized(returns)
+    run.log_evaluation(phase, step, returns, scores, run.means.pop(), agent.num_updates, alpha="", **extra)
+    return returns
 
 
 # ---- The phases: pre-training, the start of fine-tuning (no switch), fine-tuning ------------------------------
@@ -452,56 +479,52 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(
-            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
-        ):
+        values = (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        for key, value in zip(parts, values):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def pretrain(agent, buffer, args, run, task, rng, start=0):
+def pretrain(agent, buffer, args, run, task, rng, start=0, evaluation_due=True):
     """K gradient steps on the dataset."""
-    means = run.means
-    if start == 0:
-        evaluate(run, agent, task, args, "offline", 0, means)
+    if evaluation_due:  # the untrained agent's, or the one a stop signal cut short
+        log_evaluation(run, agent, task, args, rng, "offline", start, checkpoint(agent, "offline", start))
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
         for step in range(start + 1, args.offline_steps + 1):
-            means.add(agent.update(buffer.sample(args.batch_size)))
+            run.means.add(agent.update(buffer.sample(args.batch_size)))
             if step % args.eval_every == 0 or step == args.offline_steps:
-                evaluate(run, agent, task, args, "offline", step, means)
+                log_evaluation(run, agent, task, args, rng, "offline", step, checkpoint(agent, "offline", step))
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(
-                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
-                )
+                run.save_latest(checkpoint(agent, "offline", step), rng)
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def start_online(agent, buffer, args, run, task, rng, num_offline):
-    """AWAC has no switch: the dataset stays in the buffer and online data are appended after it."""
-    print(
-        f"switch to online: the buffer keeps all {buffer.size} offline transitions, FIFO capacity {buffer.capacity}",
-        file=sys.stderr,
+    """AWAC has no switch: the dataset stays in the buffer and online data are appended after it. Fine-tuning
+    starts by evaluating the pre-trained agent."""
+    kept = f"all {buffer.size} offline transitions, FIFO capacity {buffer.capacity}"
+    print(f"switch to online: the buffer keeps {kept}", file=sys.stderr)
+    state = dict(R_current=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, buffer, num_offline, **state), rng, task.env)
+    return dict(state, step=0)
+
+
+def evaluate_online(run, agent, task, args, rng, buffer, num_offline, step, R_current):
+    """An online progress.csv row, with the last training episode's normalized return (x100) beside the score."""
+    resume = checkpoint(agent, "online", step, buffer, num_offline, R_current=R_current)
+    score = "" if R_current is None else 100 * R_current
+    log_evaluation(
+        run, agent, task, args, rng, "online", step, resume, task.env, env_steps=step, episode_normalized_return=score
     )
-    evaluate(run, agent, task, args, "online", 0, run.means)
-    state = dict(phase="online", step=0, R_current=None)
-    run.save_latest(
-        dict(
-            state,
-            agent=agent.state_dict(),
-            num_updates=agent.num_updates,
-            buffer=buffer.state_dict(rebuilt=num_offline),
-        ),
-        rng,
-        task.env,
-    )
-    return state
 
 
 def finetune(agent, buffer, args, run, task, rng, state, num_offline):
     """T environment steps acting by sampling pi, G gradient steps each; one episodes.csv row per episode."""
-    R_current, means = state["R_current"], run.means
+    R_current = state["R_current"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
+        evaluate_online(run, agent, task, args, rng, buffer, num_offline, state["step"], R_current)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
@@ -511,49 +534,22 @@ def finetune(agent, buffer, args, run, task, rng, state, num_offline):
                 action = np.clip(agent.actor.distribution(obs_t).sample()[0].cpu().numpy(), low, high)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
-            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
-
+            obs = next_obs
+            episode_return += float(reward)
+            episode_length += 1
             for _ in range(args.utd):
-                means.add(agent.update(buffer.sample(args.batch_size)))
-
-            episode_over = terminated or truncated
-            if episode_over:
+                run.means.add(agent.update(buffer.sample(args.batch_size)))
+            if terminated or truncated:
                 R_current = float(task.normalized(episode_return))
-                run.logs["episodes"].write(
-                    {
-                        "step": step,
-                        "length": episode_length,
-                        "return": episode_return,
-                        "normalized_return": 100 * R_current,
-                    }
-                )
+                row = dict(step=step, length=episode_length, normalized_return=100 * R_current)
+                run.logs["episodes"].write(row | {"return": episode_return})
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(
-                    run,
-                    agent,
-                    task,
-                    args,
-                    "online",
-                    step,
-                    means,
-                    env_steps=step,
-                    episode_normalized_return="" if R_current is None else 100 * R_current,
-                )
+                evaluate_online(run, agent, task, args, rng, buffer, num_offline, step, R_current)
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
-            if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(
-                    dict(
-                        phase="online",
-                        step=step,
-                        R_current=R_current,
-                        agent=agent.state_dict(),
-                        num_updates=agent.num_updates,
-                        buffer=buffer.state_dict(rebuilt=num_offline),
-                    ),
-                    rng,
-                    env,
-                )
-            if episode_over:
+            if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
+                resume = checkpoint(agent, "online", step, buffer, num_offline, R_current=R_current)
+                run.save_latest(resume, rng, env)
+            if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
             bar.update()
@@ -578,25 +574,19 @@ def main(args: Args):
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
     num_offline = len(data["rewards"])
-    args.buffer_size = args.buffer_size or num_offline + args.online_steps
+    resolve_defaults(args, num_offline)
+    check_args(args)  # again: the resolved values, and those taken over from a pre-training run
     if args.buffer_size < num_offline:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {num_offline} transitions of the dataset")
     check_memory(args.buffer_size * sum(v[0].nbytes for v in data.values()), "the replay buffer")
-    run = open_run(
-        args, METHOD, task, dataset_transitions=num_offline, pretrained_from=pretrained and pretrained["path"]
-    )
+    pretrained_from = pretrained and pretrained["path"]
+    run = open_run(args, METHOD, task, dataset_transitions=num_offline, pretrained_from=pretrained_from)
 
     device, rng = pick_device(args.device), seed_everything(args.seed)  # AWAC samples with torch, not with rng
     obs_dim, space = data["obs"].shape[1], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor(
-        "GaussianActor",
-        obs_dim=obs_dim,
-        act_dim=space.shape[0],
-        action_low=space.low.tolist(),
-        action_high=space.high.tolist(),
-        **actor_kwargs(args),
-    )
+    bounds = dict(action_low=space.low.tolist(), action_high=space.high.tolist())
+    run.describe_actor("GaussianActor", obs_dim=obs_dim, act_dim=space.shape[0], **bounds, **actor_kwargs(args))
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume: latest.pt; --load-offline: offline.pt
@@ -607,7 +597,9 @@ def main(args: Args):
         del data  # the buffer holds the only copy
         if latest is None or latest["phase"] == "offline":
             if pretrained is None:
-                pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
+                start = latest["step"] if latest else 0
+                evaluation_due = latest is None or latest.get("evaluation_due", False)
+                pretrain(agent, buffer, args, run, task, rng, start, evaluation_due)
             if args.online_steps > 0:
                 state = start_online(agent, buffer, args, run, task, rng, num_offline)
         else:

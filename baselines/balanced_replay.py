@@ -60,7 +60,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import check_transitions, open_task
-from plumbing.errors import UsageError
+from plumbing.errors import UsageError, stop_requested
 from plumbing.run_folder import PROGRESS_COLUMNS, check_memory, check_run_size, load_pretrained, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
 
@@ -135,7 +135,14 @@ class Args(RunArgs):
     """units per hidden layer of the density-ratio network (Lee et al.: 256)"""
 
 
+def resolve_defaults(args: Args, env_name: str, dataset_name: str) -> None:
+    """Turn every None into its value (the one that depends on the task). config.json records it."""
+    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for D4RL's walker2d-random only
+        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.startswith("random") else 0.4
+
+
 def check_args(args: Args) -> None:
+    """Reject bad values with one line (exit status 2). Unresolved defaults (None) pass."""
     check_ranges(
         args,
         positive=[
@@ -218,7 +225,8 @@ class CriticEnsemble(nn.Module):
     def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu"):
         super().__init__()
         sizes = [obs_dim + act_dim] + [hidden_dim] * hidden_layers + [1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
@@ -270,7 +278,10 @@ class ReplayBuffer:
     """Preallocated FIFO ring buffer on the training device (with the sizes used here, nothing is overwritten)."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.capacity = capacity
+        self.device = device
+        self.ptr = 0  # where the next transition goes
+        self.size = 0
         self.data = Batch(
             *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
         )
@@ -281,7 +292,8 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
         return idx
 
     def sample(self, batch_size) -> Batch:
@@ -405,38 +417,40 @@ class Agent:
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
         self.ratio_optim = torch.optim.Adam(self.ratio.parameters(), lr=args.ratio_learning_rate, fused=True)
-        self.args, self.device, self.num_updates = args, device, 0
+        self.args = args
+        self.device = device
+        self.num_updates = 0
 
     def update(self, batch: Batch, alpha) -> dict:
         """One TD3+BC gradient step. No host-device synchronization: the metrics stay tensors."""
-        a = self.args
+        args = self.args
         self.num_updates += 1
         y = td_target(
             batch,
             self.actor_target,
             self.critic_target,
-            a.num_groups,
-            a.gamma,
-            a.policy_noise,
-            a.noise_clip,
-            a.ensemble,
+            args.num_groups,
+            args.gamma,
+            args.policy_noise,
+            args.noise_clip,
+            args.ensemble,
         )
         loss_q, q_mean = critic_loss(self.critic, batch, y)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
         self.critic_optim.step()
         metrics = {"critic_loss": loss_q.detach(), "q_mean": q_mean}
-        if self.num_updates % a.policy_freq == 0:
+        if self.num_updates % args.policy_freq == 0:
             self.critic.requires_grad_(False)  # the actor's gradient flows through Q, not into it
-            loss_pi = actor_loss(self.actor, self.critic, batch, alpha, a.num_groups, a.ensemble)
+            loss_pi = actor_loss(self.actor, self.critic, batch, alpha, args.num_groups, args.ensemble)
             self.actor_optim.zero_grad(set_to_none=True)
             loss_pi.backward()
             self.actor_optim.step()
             self.critic.requires_grad_(True)
             metrics["actor_loss"] = loss_pi.detach()
-        if self.num_updates % a.policy_freq == 0 or not a.delay_target_updates:
-            soft_update(self.critic_target, self.critic, a.tau)
-            soft_update(self.actor_target, self.actor, a.tau)
+        if self.num_updates % args.policy_freq == 0 or not args.delay_target_updates:
+            soft_update(self.critic_target, self.critic, args.tau)
+            soft_update(self.actor_target, self.actor, args.tau)
         return metrics
 
     def update_ratio(self, offline: Batch, online: Batch, replayed: Batch):
@@ -446,27 +460,18 @@ class Agent:
         w_online = self.ratio(online.obs, online.actions)
         loss = ratio_loss(w_offline, w_online)
         with torch.no_grad():
-            w, a = self.ratio(replayed.obs, replayed.actions), self.args
-            priorities = ratio_priorities(w, w_offline, a.temperature, a.priority_min, a.priority_max)
+            w = self.ratio(replayed.obs, replayed.actions)
+            args = self.args
+            priorities = ratio_priorities(w, w_offline, args.temperature, args.priority_min, args.priority_max)
         self.ratio_optim.zero_grad(set_to_none=True)
         loss.backward()
         self.ratio_optim.step()
         return loss.detach(), priorities
 
     def state_dict(self):
-        return {
-            name: getattr(self, name).state_dict()
-            for name in (
-                "actor",
-                "critic",
-                "actor_target",
-                "critic_target",
-                "ratio",
-                "actor_optim",
-                "critic_optim",
-                "ratio_optim",
-            )
-        }
+        networks = ("actor", "critic", "actor_target", "critic_target", "ratio")
+        optimizers = ("actor_optim", "critic_optim", "ratio_optim")
+        return {name: getattr(self, name).state_dict() for name in networks + optimizers}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -486,35 +491,46 @@ def updates_after(step, args: Args) -> int:
 
 # ---- Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **extra):
-    """Undiscounted returns of pi(s) in --eval-episodes episodes from the same seed each time: a progress.csv row."""
+def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray | None:
+    """Undiscounted returns of the deterministic policy pi(s) in `episodes` episodes, the first reset with `seed`
+    so every evaluation sees the same starts. None when a stop signal (SIGTERM) cut the evaluation short."""
     returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
-        done, episode_return = False, 0.0
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        done = False
+        episode_return = 0.0
         while not done:
+            if stop_requested:
+                return None
             action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
-            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
+            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    returns = np.array(returns)
-    run.log_evaluation(
-        phase,
-        step,
-        returns,
-        100 * task.normalized(returns),
-        means.pop(),
-        agent.num_updates,
-        env_steps,
-        alpha=alpha,
-        **extra,
-    )
+    return np.array(returns)
 
 
 # Balanced Replay's own: the share of online samples in RL batches and the ratio loss (means), the buffers' bytes.
 COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return", "online_fraction", "ratio_loss", "buffer_bytes"]
 EPISODE_COLUMNS = ["step", "length", "return", "normalized_return"]
+
+
+def checkpoint(agent, phase, step, online=None, joint=None, **state) -> dict:
+    """What latest.pt holds besides the random streams: enough to continue this run exactly (--resume). Of the
+    buffers, the online transitions and the joint buffer's priorities: --resume reads the dataset again."""
+    buffers = {} if online is None else {"online": online.transitions(), "joint": joint.state_dict()}
+    return dict(phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **buffers, **state)
+
+
+def log_evaluation(run, agent, task, args, rng, phase, step, alpha, resume: dict, env=None, **extra) -> np.ndarray:
+    """evaluate(), then a progress.csv row: scores x100 (D4RL's) and the losses averaged since the previous row.
+    When a stop signal cuts the evaluation short, save `resume` (the state before it, so --resume redoes it)."""
+    returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
+    if returns is None:
+        run.save_latest(dict(resume, evaluation_due=True), rng, env)  # raises Preempted
+    scores = 100 * task.normalized(returns)
+    run.log_evaluation(phase, step, returns, scores, run.means.pop(), agent.num_updates, alpha=alpha, **extra)
+    return returns
 
 
 # ---- The phases: pre-training, the switch (three buffers), fine-tuning --------------------------------------
@@ -523,28 +539,27 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(
-            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
-        ):
+        values = (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        for key, value in zip(parts, values):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def pretrain(agent, offline, args, run, task, rng, start=0):
+def pretrain(agent, offline, args, run, task, rng, start=0, evaluation_due=True):
     """K gradient steps of TD3+BC with the pessimistic ensemble on uniform batches, alpha = alpha_offline."""
-    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), run.means
-    memory = run.config["buffer_bytes"]["offline"]
-    if start == 0:
-        evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means, buffer_bytes=memory)
+    alpha_offline = torch.tensor(args.alpha_offline, device=agent.device)  # a tensor: the step reads it on device
+    memory = dict(buffer_bytes=run.config["buffer_bytes"]["offline"])
+    if evaluation_due:  # the untrained agent's, or the one a stop signal cut short
+        resume = checkpoint(agent, "offline", start)
+        log_evaluation(run, agent, task, args, rng, "offline", start, args.alpha_offline, resume, **memory)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
         for step in range(start + 1, args.offline_steps + 1):
-            means.add(agent.update(offline.sample(args.batch_size), alpha))
+            run.means.add(agent.update(offline.sample(args.batch_size), alpha_offline))
             if step % args.eval_every == 0 or step == args.offline_steps:
-                evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means, buffer_bytes=memory)
+                resume = checkpoint(agent, "offline", step)
+                log_evaluation(run, agent, task, args, rng, "offline", step, args.alpha_offline, resume, **memory)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(
-                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
-                )
+                run.save_latest(checkpoint(agent, "offline", step), rng)
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
@@ -566,42 +581,45 @@ def online_buffers(offline, args, latest=None):
 
 
 def switch_to_online(agent, offline, args, run, task, rng):
-    """The switch: three buffers from here on; evaluate the pre-trained agent."""
+    """The switch: three buffers from here on. Fine-tuning starts by evaluating the pre-trained agent."""
     online, joint = online_buffers(offline, args)
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in run.config["buffer_bytes"].items())
     print(f"switch to online: replay buffers take {sizes}", file=sys.stderr)
-    evaluate(
-        run,
-        agent,
-        task,
-        args,
-        "online",
-        0,
-        args.alpha_online,
-        run.means,
-        buffer_bytes=run.config["buffer_bytes"]["total"],
-    )
-    state = dict(phase="online", step=0, R_current=None)
-    run.save_latest(
-        dict(
-            state,
-            agent=agent.state_dict(),
-            num_updates=agent.num_updates,
-            online=online.transitions(),
-            joint=joint.state_dict(),
-        ),
-        rng,
-        task.env,
-    )
-    return online, joint, state
+    state = dict(R_current=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, online, joint, **state), rng, task.env)
+    return online, joint, dict(state, step=0)
+
+
+def replay_updates(agent, offline, online, joint, args, run, alpha_online, num_updates):
+    """Balanced replay: each gradient step replays a batch from the joint buffer, and a density-ratio step
+    re-prioritizes that batch."""
+    for _ in range(num_updates):
+        replayed, idx = joint.sample(args.batch_size)
+        offline_batch = offline.sample(args.ratio_batch_size)
+        online_batch = online.sample(args.ratio_batch_size)
+        loss_w, priorities = agent.update_ratio(offline_batch, online_batch, replayed)
+        joint.update_priorities(idx, priorities)
+        online_fraction = (idx >= offline.size).float().mean()
+        run.means.add(dict(agent.update(replayed, alpha_online), ratio_loss=loss_w, online_fraction=online_fraction))
+
+
+def evaluate_online(run, agent, task, args, rng, online, joint, step, R_current):
+    """An online progress.csv row, with the last training episode's normalized return (x100) beside the score."""
+    resume = checkpoint(agent, "online", step, online, joint, R_current=R_current)
+    score = "" if R_current is None else 100 * R_current
+    extra = dict(env_steps=step, episode_normalized_return=score, buffer_bytes=run.config["buffer_bytes"]["total"])
+    log_evaluation(run, agent, task, args, rng, "online", step, args.alpha_online, resume, task.env, **extra)
 
 
 def finetune(agent, offline, online, joint, args, run, task, rng, state):
     """T environment steps with exploration noise; the updates of `updates_after` replay from the joint buffer,
     each with a density-ratio step that re-prioritizes the replayed batch. One episodes.csv row per episode."""
-    alpha, means, R_current = torch.tensor(args.alpha_online, device=agent.device), run.means, state["R_current"]
+    alpha_online = torch.tensor(args.alpha_online, device=agent.device)
+    R_current = state["R_current"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
-    noise_std, memory = args.exploration_noise * (high - low) / 2, run.config["buffer_bytes"]["total"]
+    noise_std = args.exploration_noise * (high - low) / 2
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
+        evaluate_online(run, agent, task, args, rng, online, joint, state["step"], R_current)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
@@ -612,63 +630,20 @@ def finetune(agent, offline, online, joint, args, run, task, rng, state):
             next_obs, reward, terminated, truncated, _ = env.step(action)
             for buffer in (online, joint):  # into the joint buffer at the largest priority so far
                 buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
-            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
-
-            for _ in range(updates_after(step, args)):
-                replayed, idx = joint.sample(args.batch_size)
-                loss_w, priorities = agent.update_ratio(
-                    offline.sample(args.ratio_batch_size), online.sample(args.ratio_batch_size), replayed
-                )
-                joint.update_priorities(idx, priorities)
-                means.add(
-                    dict(
-                        agent.update(replayed, alpha),
-                        ratio_loss=loss_w,
-                        online_fraction=(idx >= offline.size).float().mean(),
-                    )
-                )
-
-            episode_over = terminated or truncated
-            if episode_over:
+            obs = next_obs
+            episode_return += float(reward)
+            episode_length += 1
+            replay_updates(agent, offline, online, joint, args, run, alpha_online, updates_after(step, args))
+            if terminated or truncated:
                 R_current = float(task.normalized(episode_return))
-                run.logs["episodes"].write(
-                    {
-                        "step": step,
-                        "length": episode_length,
-                        "return": episode_return,
-                        "normalized_return": 100 * R_current,
-                    }
-                )
+                row = dict(step=step, length=episode_length, normalized_return=100 * R_current)
+                run.logs["episodes"].write(row | {"return": episode_return})
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(
-                    run,
-                    agent,
-                    task,
-                    args,
-                    "online",
-                    step,
-                    args.alpha_online,
-                    means,
-                    env_steps=step,
-                    episode_normalized_return="" if R_current is None else 100 * R_current,
-                    buffer_bytes=memory,
-                )
+                evaluate_online(run, agent, task, args, rng, online, joint, step, R_current)
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
-            if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(
-                    dict(
-                        phase="online",
-                        step=step,
-                        R_current=R_current,
-                        agent=agent.state_dict(),
-                        num_updates=agent.num_updates,
-                        online=online.transitions(),
-                        joint=joint.state_dict(),
-                    ),
-                    rng,
-                    env,
-                )
-            if episode_over:
+            if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
+                run.save_latest(checkpoint(agent, "online", step, online, joint, R_current=R_current), rng, env)
+            if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
             bar.update()
@@ -699,30 +674,21 @@ def main(args: Args):
             f"the joint buffer would hold {size} + {args.online_steps} transitions, more than the "
             f"{2**24} torch.multinomial can sample from; lower --online-steps"
         )
-    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
-        args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
+    resolve_defaults(args, task.env_name, task.dataset_name)
+    check_args(args)  # again: the resolved values, and those taken over from a pre-training run
     memory = buffer_bytes(size, args.online_steps, obs_dim, space.shape[0])
     check_memory(memory["total"], "the replay buffers")
     capacity = {"offline": size, "online": args.online_steps, "prioritized": size + args.online_steps}
-    run = open_run(
-        args,
-        METHOD,
-        task,
-        dataset_transitions=size,
-        buffer_bytes=memory,
-        buffer_capacity=capacity,
-        pretrained_from=pretrained and pretrained["path"],
+    pretrained_from = pretrained and pretrained["path"]
+    info = dict(
+        dataset_transitions=size, buffer_bytes=memory, buffer_capacity=capacity, pretrained_from=pretrained_from
     )
+    run = open_run(args, METHOD, task, **info)
     device, rng = pick_device(args.device), seed_everything(args.seed)
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor(
-        "Actor",
-        obs_dim=obs_dim,
-        act_dim=space.shape[0],
-        action_low=space.low.tolist(),
-        action_high=space.high.tolist(),
-        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
-    )
+    net = dict(hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, activation=args.activation)
+    bounds = dict(action_low=space.low.tolist(), action_high=space.high.tolist())
+    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], **bounds, **net)
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume: latest.pt; --load-offline: offline.pt
@@ -733,11 +699,14 @@ def main(args: Args):
         del data  # the buffer holds the only copy
         if latest is None or latest["phase"] == "offline":
             if pretrained is None:
-                pretrain(agent, offline, args, run, task, rng, start=latest["step"] if latest else 0)
+                start = latest["step"] if latest else 0
+                evaluation_due = latest is None or latest.get("evaluation_due", False)
+                pretrain(agent, offline, args, run, task, rng, start, evaluation_due)
             if args.online_steps > 0:
                 online, joint, state = switch_to_online(agent, offline, args, run, task, rng)
         else:
-            (online, joint), state = online_buffers(offline, args, latest), latest
+            online, joint = online_buffers(offline, args, latest)
+            state = latest
         if args.online_steps > 0:
             finetune(agent, offline, online, joint, args, run, task, rng, state)
         run.finish(agent.state_dict(), agent.actor.state_dict())

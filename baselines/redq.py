@@ -64,7 +64,7 @@ from tyro.conf import Suppress
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import ENV_IDS, Task, choose_reference_scores, dataset_path
-from plumbing.errors import UsageError
+from plumbing.errors import UsageError, stop_requested
 from plumbing.recording import EpisodeRecorder
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
@@ -143,7 +143,14 @@ class Args(RunArgs):
     """std of the Gaussian noise on pi(s) in the rollouts (D4RL sampled stochastic SAC policies; 0: deterministic)"""
 
 
+def resolve_defaults(args: Args) -> None:
+    """Turn every None into its value. config.json records it."""
+    if args.buffer_size is None:  # nothing is overwritten
+        args.buffer_size = args.online_steps
+
+
 def check_args(args: Args) -> None:
+    """Reject bad values with one line (exit status 2). Unresolved defaults (None) pass."""
     check_ranges(
         args,
         positive=[
@@ -220,7 +227,8 @@ class CriticEnsemble(nn.Module):
     def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu"):
         super().__init__()
         sizes = [obs_dim + act_dim] + [hidden_dim] * hidden_layers + [1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
@@ -254,7 +262,10 @@ class ReplayBuffer:
     transition overwrites the oldest one."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.capacity = capacity
+        self.device = device
+        self.ptr = 0  # where the next transition goes
+        self.size = 0
         self.data = Batch(
             *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
         )
@@ -265,7 +276,8 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch_size) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
@@ -275,7 +287,8 @@ class ReplayBuffer:
         return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
 
     def load_state_dict(self, state):
-        self.ptr, self.size = state["ptr"], state["size"]
+        self.ptr = state["ptr"]
+        self.size = state["size"]
         for name, storage in zip(Batch._fields, self.data):
             storage.copy_(state[name])
 
@@ -330,15 +343,19 @@ class Agent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
-        self.args, self.device, self.num_updates = args, device, 0
+        self.args = args
+        self.device = device
+        self.num_updates = 0
 
     def critic_step(self, batch: Batch):
         """Eq. 3 for all N critics, with a fresh random subset of M critics for the target (REDQ)."""
-        a, critic_idx = self.args, None  # None: M = N (TD3's clipped double Q with N = 2), the min over all
-        if a.num_min_critics < a.num_critics:
-            critic_idx = torch.randperm(a.num_critics, device=batch.obs.device)[: a.num_min_critics]
-        y = td_target(batch, self.actor_target, self.critic_target, critic_idx, a.gamma, a.policy_noise, a.noise_clip)
-        loss, q_mean = critic_loss(self.critic, batch, y, a.critic_loss_reduction)
+        args = self.args
+        critic_idx = None  # M = N (TD3's clipped double Q with N = 2): the min over all
+        if args.num_min_critics < args.num_critics:
+            critic_idx = torch.randperm(args.num_critics, device=batch.obs.device)[: args.num_min_critics]
+        targets = (self.actor_target, self.critic_target)
+        y = td_target(batch, *targets, critic_idx, args.gamma, args.policy_noise, args.noise_clip)
+        loss, q_mean = critic_loss(self.critic, batch, y, args.critic_loss_reduction)
         self.critic_optim.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_optim.step()
@@ -356,22 +373,21 @@ class Agent:
 
     def update(self, batch: Batch, g=0) -> dict:
         """Gradient step g of an env step's G: critics, the actor when due, targets. Metrics stay tensors."""
-        a = self.args
+        args = self.args
         self.num_updates += 1
-        update_actor = actor_update_due(self.num_updates, g, a.utd, a.actor_update_rate, a.policy_freq)
-        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch)))
+        update_actor = actor_update_due(self.num_updates, g, args.utd, args.actor_update_rate, args.policy_freq)
+        loss, q_mean = self.critic_step(batch)
+        metrics = {"critic_loss": loss, "q_mean": q_mean}
         if update_actor:
             metrics["actor_loss"] = self.actor_step(batch)
-        if update_actor or not a.delay_target_updates:
-            soft_update(self.critic_target, self.critic, a.tau)
-            soft_update(self.actor_target, self.actor, a.tau)
+        if update_actor or not args.delay_target_updates:
+            soft_update(self.critic_target, self.critic, args.tau)
+            soft_update(self.actor_target, self.actor, args.tau)
         return metrics
 
     def state_dict(self):
-        return {
-            name: getattr(self, name).state_dict()
-            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
-        }
+        names = ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        return {name: getattr(self, name).state_dict() for name in names}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -391,22 +407,23 @@ def explore(actor, obs, step, learning_starts, action_space, noise_std, rng, dev
 
 
 @torch.no_grad()
-def evaluate(run, agent, task, args, step, means, **extra) -> float:
-    """Undiscounted returns of the deterministic policy pi(s) in --eval-episodes episodes, each evaluation from
-    the same seed, written as a progress.csv row. Returns the normalized score (x100)."""
+def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray | None:
+    """Undiscounted returns of the deterministic policy pi(s) in `episodes` episodes, the first reset with `seed`
+    so every evaluation sees the same starts. None when a stop signal (SIGTERM) cut the evaluation short."""
     returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
-        done, episode_return = False, 0.0
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        done = False
+        episode_return = 0.0
         while not done:
+            if stop_requested:
+                return None
             action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
-            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
+            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    scores = 100 * task.normalized(np.array(returns))
-    run.log_evaluation("online", step, returns, scores, means.pop(), agent.num_updates, step, **extra)
-    return float(scores.mean())
+    return np.array(returns)
 
 
 @torch.no_grad()
@@ -444,12 +461,46 @@ def checkpoint(step, R_episode, agent, buffer, replay, env) -> dict:
     )  # the warm-up's uniform actions
 
 
+def log_evaluation(run, agent, task, args, rng, step, resume: dict, **extra) -> float:
+    """evaluate(), then a progress.csv row with the losses averaged since the previous row; returns the mean
+    normalized score (x100). When a stop signal cuts the evaluation short, save `resume` (the state before it,
+    so --resume redoes it)."""
+    returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
+    if returns is None:
+        run.save_latest(dict(resume, evaluation_due=True), rng, task.env)  # raises Preempted
+    scores = 100 * task.normalized(returns)
+    run.log_evaluation("online", step, returns, scores, run.means.pop(), agent.num_updates, step, **extra)
+    return float(scores.mean())
+
+
+def evaluate_online(run, agent, task, args, rng, buffer, replay, step, R_episode) -> float:
+    """A progress.csv row with the last training episode's normalized return (x100) beside the score."""
+    resume = checkpoint(step, R_episode, agent, buffer, replay, task.env)
+    R_score = "" if R_episode is None else 100 * R_episode
+    return log_evaluation(run, agent, task, args, rng, step, resume, episode_normalized_return=R_score)
+
+
+def score_reached(args: Args, step, score) -> bool:
+    """--stop-at-score: the evaluation at `step` ends training."""
+    if args.stop_at_score is None or score < args.stop_at_score:
+        return False
+    stop = f"normalized score {score:.1f} >= --stop-at-score {args.stop_at_score}"
+    print(f"\nstopping at step {step}: {stop}", file=sys.stderr)
+    return True
+
+
 def train(agent, buffer, replay, args, run, task, rng, state):
     """T environment steps: warm-up, then G gradient steps per step. Returns (steps done, last score x100)."""
-    env, means, R_episode = task.env, run.means, state["R_episode"]
+    env, R_episode = task.env, state["R_episode"]
     noise_std = args.exploration_noise * (env.action_space.high - env.action_space.low) / 2
-    obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
-    episode_return, episode_length, step, score = 0.0, 0, state["step"], None
+    step = state["step"]
+    score = None
+    if state.get("evaluation_due"):  # a stop signal cut this evaluation short: redo it
+        score = evaluate_online(run, agent, task, args, rng, buffer, replay, step, R_episode)
+        if score_reached(args, step, score):
+            return step, score
+    obs, _ = env.reset(seed=args.seed if step == 0 else None)
+    episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
         for step in range(state["step"] + 1, args.online_steps + 1):
             action = explore(
@@ -459,42 +510,24 @@ def train(agent, buffer, replay, args, run, task, rng, state):
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
             if replay is not None:
                 replay.add(obs, action, reward, terminated, truncated, next_obs)
-            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
+            obs = next_obs
+            episode_return += float(reward)
+            episode_length += 1
             if step > args.learning_starts:
                 for g in range(args.utd):
-                    means.add(agent.update(buffer.sample(args.batch_size), g))
-            episode_over = terminated or truncated
-            if episode_over:
+                    run.means.add(agent.update(buffer.sample(args.batch_size), g))
+            if terminated or truncated:
                 R_episode = task.normalized(episode_return)
-                run.logs["episodes"].write(
-                    {
-                        "step": step,
-                        "length": episode_length,
-                        "return": episode_return,
-                        "normalized_return": 100 * R_episode,
-                    }
-                )
+                row = dict(step=step, length=episode_length, normalized_return=100 * R_episode)
+                run.logs["episodes"].write(row | {"return": episode_return})
             if step % args.eval_every == 0 or step == args.online_steps:
-                score = evaluate(
-                    run,
-                    agent,
-                    task,
-                    args,
-                    step,
-                    means,
-                    episode_normalized_return="" if R_episode is None else 100 * R_episode,
-                )
-                if args.stop_at_score is not None and score >= args.stop_at_score:
-                    print(
-                        f"\nstopping at step {step}: normalized score {score:.1f} >= --stop-at-score "
-                        f"{args.stop_at_score}",
-                        file=sys.stderr,
-                    )
+                score = evaluate_online(run, agent, task, args, rng, buffer, replay, step, R_episode)
+                if score_reached(args, step, score):
                     break
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
-            if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
+            if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
                 run.save_latest(checkpoint(step, R_episode, agent, buffer, replay, env), rng, env)
-            if episode_over:
+            if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
             bar.update()
@@ -541,22 +574,16 @@ def main(args: Args):
     env_id = ENV_IDS[args.env]
     *ref, ref_source = choose_reference_scores(args.env, args.ref_min_score, args.ref_max_score)
     task = Task(None, None, gym.make(env_id), gym.make(env_id), args.env, args.dataset, tuple(ref), ref_source)
-    args.buffer_size = args.buffer_size or args.online_steps
+    resolve_defaults(args)
+    check_args(args)  # again: the resolved values
     run = open_run(args, METHOD, task)
 
     device, rng = pick_device(args.device), seed_everything(args.seed)
     obs_dim, space = task.env.observation_space.shape[0], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor(
-        "Actor",
-        obs_dim=obs_dim,
-        act_dim=space.shape[0],
-        action_low=space.low.tolist(),
-        action_high=space.high.tolist(),
-        hidden_dim=args.hidden_dim,
-        hidden_layers=args.hidden_layers,
-        activation=args.activation,
-    )
+    net = dict(hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, activation=args.activation)
+    bounds = dict(action_low=space.low.tolist(), action_high=space.high.tolist())
+    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], **bounds, **net)
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, space.shape[0], device)
@@ -569,9 +596,9 @@ def main(args: Args):
             replay.load_state_dict(state["replay"])
 
     with run:
-        if state is None:  # evaluate the untrained policy, seed the warm-up's uniform actions, save step 0
-            evaluate(run, agent, task, args, 0, run.means)
-            space.seed(args.seed)
+        if state is None:  # seed the warm-up's uniform actions, evaluate the untrained policy, save step 0
+            space.seed(args.seed)  # before the evaluation: a stop signal during it saves this seeded stream
+            evaluate_online(run, agent, task, args, rng, buffer, replay, 0, None)
             state = checkpoint(0, None, agent, buffer, replay, task.env)
             run.save_latest(state, rng, task.env)
         steps_done, score = train(agent, buffer, replay, args, run, task, rng, state)

@@ -71,7 +71,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the plumbing package lives one folder up
 from plumbing.cli import RunArgs, check_ranges, run_main
 from plumbing.datasets import check_transitions, open_task
-from plumbing.errors import UsageError
+from plumbing.errors import UsageError, stop_requested
 from plumbing.run_folder import PROGRESS_COLUMNS, check_run_size, load_pretrained, open_run
 from plumbing.runtime import pick_device, progress_bar, seed_everything
 
@@ -126,7 +126,16 @@ class Args(RunArgs):
     """FIFO replay capacity online (None: the kept offline data + online-steps, nothing is overwritten)"""
 
 
+def resolve_defaults(args: Args, env_name: str, dataset_name: str, dataset_size: int) -> None:
+    """Turn every None into its value, the ones that depend on the task and the data. config.json records them."""
+    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for D4RL's walker2d-random only
+        args.alpha_offline = 100.0 if env_name == "walker2d" and dataset_name.startswith("random") else 0.4
+    if args.buffer_size is None:  # TD3-ft overwrites nothing
+        args.buffer_size = num_kept(dataset_size, args.keep_ratio, args.keep_min) + args.online_steps
+
+
 def check_args(args: Args) -> None:
+    """Reject bad values with one line (exit status 2). Unresolved defaults (None) pass."""
     check_ranges(
         args,
         positive=[
@@ -153,13 +162,9 @@ def check_args(args: Args) -> None:
     )
     if not 0 <= args.gamma <= 1:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    check_run_size(
-        NUM_CRITICS + 1,
-        args.hidden_dim,
-        args.hidden_layers,
-        args.online_steps + (args.buffer_size or 0),
-        batch_size=args.batch_size,
-    )
+    transitions = max(args.online_steps, args.buffer_size or 0)
+    size = (NUM_CRITICS + 1, args.hidden_dim, args.hidden_layers)
+    check_run_size(*size, transitions=transitions, batch_size=args.batch_size)
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------
@@ -191,7 +196,8 @@ class CriticEnsemble(nn.Module):
     def __init__(self, num_critics, obs_dim, act_dim, hidden_dim=256, hidden_layers=2, activation="relu"):
         super().__init__()
         sizes = [obs_dim + act_dim] + [hidden_dim] * hidden_layers + [1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
@@ -225,7 +231,10 @@ class ReplayBuffer:
     transition overwrites the oldest one."""
 
     def __init__(self, capacity, obs_dim, act_dim, device):
-        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.capacity = capacity
+        self.device = device
+        self.ptr = 0  # where the next transition goes
+        self.size = 0
         self.data = Batch(
             *(torch.zeros(capacity, *shape, device=device) for shape in [(obs_dim,), (act_dim,), (), (obs_dim,), ()])
         )
@@ -236,7 +245,8 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for storage, values in zip(self.data, (obs, actions, rewards, next_obs, terminals)):
             storage[idx] = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch_size) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
@@ -246,7 +256,8 @@ class ReplayBuffer:
         return {"ptr": self.ptr, "size": self.size, **self.data._asdict()}
 
     def load_state_dict(self, state):
-        self.ptr, self.size = state["ptr"], state["size"]
+        self.ptr = state["ptr"]
+        self.size = state["size"]
         for name, storage in zip(Batch._fields, self.data):
             storage.copy_(state[name])
 
@@ -312,11 +323,13 @@ class Agent:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate, fused=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate, fused=True)
-        self.args, self.device, self.num_updates = args, device, 0
+        self.args = args
+        self.device = device
+        self.num_updates = 0
 
     def critic_step(self, batch: Batch):
-        a = self.args
-        y = td_target(batch, self.actor_target, self.critic_target, a.gamma, a.policy_noise, a.noise_clip)
+        args = self.args
+        y = td_target(batch, self.actor_target, self.critic_target, args.gamma, args.policy_noise, args.noise_clip)
         loss, q_mean = critic_loss(self.critic, batch, y)
         self.critic_optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,7 +350,8 @@ class Agent:
         """One gradient step: critics, every policy_freq-th step the actor, targets. Metrics stay tensors."""
         self.num_updates += 1
         update_actor = self.num_updates % self.args.policy_freq == 0
-        metrics = dict(zip(("critic_loss", "q_mean"), self.critic_step(batch)))
+        loss, q_mean = self.critic_step(batch)
+        metrics = {"critic_loss": loss, "q_mean": q_mean}
         if update_actor:
             metrics["actor_loss"] = self.actor_step(batch, alpha)
         if update_actor or not self.args.delay_target_updates:
@@ -346,10 +360,8 @@ class Agent:
         return metrics
 
     def state_dict(self):
-        return {
-            name: getattr(self, name).state_dict()
-            for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
-        }
+        names = ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim")
+        return {name: getattr(self, name).state_dict() for name in names}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -358,36 +370,46 @@ class Agent:
 
 # ---- Evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(run, agent, task, args, phase, step, alpha, means, env_steps=0, **extra) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy pi(s) in --eval-episodes episodes, each evaluation from
-    the same seed, written as a progress.csv row with the losses averaged since the previous row."""
+def evaluate(agent, env, episodes: int, seed: int) -> np.ndarray | None:
+    """Undiscounted returns of the deterministic policy pi(s) in `episodes` episodes, the first reset with `seed`
+    so every evaluation sees the same starts. None when a stop signal (SIGTERM) cut the evaluation short."""
     returns = []
-    for episode in range(args.eval_episodes):
-        obs, _ = task.eval_env.reset(seed=args.seed + 100 if episode == 0 else None)
-        done, episode_return = False, 0.0
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        done = False
+        episode_return = 0.0
         while not done:
+            if stop_requested:
+                return None
             action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=agent.device)[None])[0]
-            obs, reward, terminated, truncated, _ = task.eval_env.step(action.cpu().numpy())
+            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
-    returns = np.array(returns)
-    run.log_evaluation(
-        phase,
-        step,
-        returns,
-        100 * task.normalized(returns),
-        means.pop(),
-        agent.num_updates,
-        env_steps,
-        alpha=alpha,
-        **extra,
-    )
-    return returns
+    return np.array(returns)
 
 
 COLUMNS = PROGRESS_COLUMNS + ["episode_normalized_return"]
 EPISODE_COLUMNS = ["step", "length", "return", "normalized_return"]  # normalized_return x100, like the scores
+
+
+def checkpoint(agent, phase, step, buffer=None, **state) -> dict:
+    """What latest.pt holds besides the random streams: enough to continue this run exactly (--resume)."""
+    buffer_state = {} if buffer is None else {"buffer": buffer.state_dict()}
+    return dict(
+        phase=phase, step=step, agent=agent.state_dict(), num_updates=agent.num_updates, **buffer_state, **state
+    )
+
+
+def log_evaluation(run, agent, task, args, rng, phase, step, alpha, resume: dict, env=None, **extra) -> np.ndarray:
+    """evaluate(), then a progress.csv row: scores x100 (D4RL's) and the losses averaged since the previous row.
+    When a stop signal cuts the evaluation short, save `resume` (the state before it, so --resume redoes it)."""
+    returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
+    if returns is None:
+        run.save_latest(dict(resume, evaluation_due=True), rng, env)  # raises Preempted
+    scores = 100 * task.normalized(returns)
+    run.log_evaluation(phase, step, returns, scores, run.means.pop(), agent.num_updates, alpha=alpha, **extra)
+    return returns
 
 
 # ---- The phases: pre-training, the switch, fine-tuning ------------------------------------------------------
@@ -396,55 +418,60 @@ def flatten_episodes(dataset) -> dict[str, np.ndarray]:
     and only terminations end bootstrapping: a time-limit truncation does not."""
     parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": []}
     for ep in dataset.iterate_episodes():
-        for key, value in zip(
-            parts, (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
-        ):
+        values = (ep.observations[:-1], ep.actions, ep.rewards, ep.observations[1:], ep.terminations)
+        for key, value in zip(parts, values):
             parts[key].append(value)
     return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
 
 
-def pretrain(agent, buffer, args, run, task, rng, start=0):
+def pretrain(agent, buffer, args, run, task, rng, start=0, evaluation_due=True):
     """K gradient steps of TD3+BC at alpha = alpha_offline."""
-    alpha, means = torch.tensor(args.alpha_offline, device=agent.device), run.means
-    if start == 0:
-        evaluate(run, agent, task, args, "offline", 0, args.alpha_offline, means)
+    alpha_offline = torch.tensor(args.alpha_offline, device=agent.device)  # a tensor: the step reads it on device
+    if evaluation_due:  # the untrained agent's, or the one a stop signal cut short
+        resume = checkpoint(agent, "offline", start)
+        log_evaluation(run, agent, task, args, rng, "offline", start, args.alpha_offline, resume)
     with progress_bar(args.offline_steps, start, desc="offline", unit="upd") as bar:
         for step in range(start + 1, args.offline_steps + 1):
-            means.add(agent.update(buffer.sample(args.batch_size), alpha))
+            run.means.add(agent.update(buffer.sample(args.batch_size), alpha_offline))
             if step % args.eval_every == 0 or step == args.offline_steps:
-                evaluate(run, agent, task, args, "offline", step, args.alpha_offline, means)
+                resume = checkpoint(agent, "offline", step)
+                log_evaluation(run, agent, task, args, rng, "offline", step, args.alpha_offline, resume)
             if step < args.offline_steps and run.checkpoint_due(step):
-                run.save_latest(
-                    dict(phase="offline", step=step, agent=agent.state_dict(), num_updates=agent.num_updates), rng
-                )
+                run.save_latest(checkpoint(agent, "offline", step), rng)
             bar.update()
     run.save_offline(agent.state_dict(), agent.num_updates, rng)
 
 
 def switch_to_online(agent, buffer, args, run, task, rng):
-    """Keep the offline data (TD3-ft: all of it) in the online buffer, evaluate the pre-trained agent."""
-    buffer = downsample(
-        buffer,
-        args.buffer_size,
-        args.keep_ratio,
-        args.keep_min,
-        args.keep_with_replacement,
-        torch.Generator().manual_seed(args.seed),
+    """Keep the offline data (TD3-ft: all of it) in the online buffer; fine-tuning starts by evaluating the
+    pre-trained agent."""
+    generator = torch.Generator().manual_seed(args.seed)
+    online_buffer = downsample(
+        buffer, args.buffer_size, args.keep_ratio, args.keep_min, args.keep_with_replacement, generator
     )
-    print(f"switch to online: kept {buffer.size} offline transitions, FIFO capacity {buffer.capacity}", file=sys.stderr)
-    evaluate(run, agent, task, args, "online", 0, args.alpha_online, run.means)
-    state = dict(phase="online", step=0, R_episode=None)
-    run.save_latest(
-        dict(state, agent=agent.state_dict(), num_updates=agent.num_updates, buffer=buffer.state_dict()), rng, task.env
-    )
-    return buffer, state
+    kept, capacity = online_buffer.size, online_buffer.capacity
+    print(f"switch to online: kept {kept} offline transitions, FIFO capacity {capacity}", file=sys.stderr)
+    state = dict(R_episode=None, evaluation_due=True)  # saved before that evaluation, so --resume does it
+    run.save_latest(checkpoint(agent, "online", 0, online_buffer, **state), rng, task.env)
+    return online_buffer, dict(state, step=0)
+
+
+def evaluate_online(run, agent, task, args, rng, buffer, step, R_episode):
+    """An online progress.csv row, with the last training episode's normalized return (x100) beside the score."""
+    resume = checkpoint(agent, "online", step, buffer, R_episode=R_episode)
+    score = "" if R_episode is None else 100 * R_episode
+    extra = dict(env_steps=step, episode_normalized_return=score)
+    log_evaluation(run, agent, task, args, rng, "online", step, args.alpha_online, resume, task.env, **extra)
 
 
 def finetune(agent, buffer, args, run, task, rng, state):
     """TD3 online: act with exploration noise, store, G gradient steps per env step at the fixed alpha_online."""
-    alpha, means, R_episode = torch.tensor(args.alpha_online, device=agent.device), run.means, state["R_episode"]
+    alpha_online = torch.tensor(args.alpha_online, device=agent.device)
+    R_episode = state["R_episode"]
     env, low, high = task.env, task.env.action_space.low, task.env.action_space.high
     noise_std = args.exploration_noise * (high - low) / 2
+    if state.get("evaluation_due"):  # the pre-trained agent's, or the one a stop signal cut short
+        evaluate_online(run, agent, task, args, rng, buffer, state["step"], R_episode)
     obs, _ = env.reset(seed=args.seed if state["step"] == 0 else None)
     episode_return, episode_length = 0.0, 0
     with progress_bar(args.online_steps, state["step"], desc="online", unit="step") as bar:
@@ -454,50 +481,21 @@ def finetune(agent, buffer, args, run, task, rng, state):
             action = np.clip(action.cpu().numpy() + rng.normal(0.0, noise_std), low, high)
             next_obs, reward, terminated, truncated, _ = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [float(terminated)])
-            obs, episode_return, episode_length = next_obs, episode_return + float(reward), episode_length + 1
-
+            obs = next_obs
+            episode_return += float(reward)
+            episode_length += 1
             for _ in range(args.utd):
-                means.add(agent.update(buffer.sample(args.batch_size), alpha))
-
-            episode_over = terminated or truncated
-            if episode_over:
+                run.means.add(agent.update(buffer.sample(args.batch_size), alpha_online))
+            if terminated or truncated:
                 R_episode = task.normalized(episode_return)
-                run.logs["episodes"].write(
-                    {
-                        "step": step,
-                        "length": episode_length,
-                        "return": episode_return,
-                        "normalized_return": 100 * R_episode,
-                    }
-                )
+                row = dict(step=step, length=episode_length, normalized_return=100 * R_episode)
+                run.logs["episodes"].write(row | {"return": episode_return})
             if step % args.eval_every == 0 or step == args.online_steps:
-                evaluate(
-                    run,
-                    agent,
-                    task,
-                    args,
-                    "online",
-                    step,
-                    args.alpha_online,
-                    means,
-                    env_steps=step,
-                    episode_normalized_return="" if R_episode is None else 100 * R_episode,
-                )
+                evaluate_online(run, agent, task, args, rng, buffer, step, R_episode)
             # A stop signal saves at once (the episode is cut); periodic checkpoints wait for an episode's end.
-            if step < args.online_steps and run.checkpoint_due(step, safe=episode_over):
-                run.save_latest(
-                    dict(
-                        phase="online",
-                        step=step,
-                        R_episode=R_episode,
-                        agent=agent.state_dict(),
-                        num_updates=agent.num_updates,
-                        buffer=buffer.state_dict(),
-                    ),
-                    rng,
-                    env,
-                )
-            if episode_over:
+            if step < args.online_steps and run.checkpoint_due(step, safe=terminated or truncated):
+                run.save_latest(checkpoint(agent, "online", step, buffer, R_episode=R_episode), rng, env)
+            if terminated or truncated:
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
             bar.update()
@@ -512,42 +510,34 @@ def main(args: Args):
     task = open_task(args)
     data = flatten_episodes(task.dataset)
     check_transitions(data, task.dataset_id, task.env.action_space)
-    if args.alpha_offline is None:  # the paper: alpha_offline = 100 for walker2d-random only
-        args.alpha_offline = 100.0 if task.env_name == "walker2d" and task.dataset_name.startswith("random") else 0.4
-    kept = num_kept(len(data["rewards"]), args.keep_ratio, args.keep_min)
-    args.buffer_size = args.buffer_size or kept + args.online_steps  # TD3-ft overwrites nothing
+    dataset_size = len(data["rewards"])
+    resolve_defaults(args, task.env_name, task.dataset_name, dataset_size)
+    check_args(args)  # again: the resolved values, and those taken over from a pre-training run
+    kept = num_kept(dataset_size, args.keep_ratio, args.keep_min)
     if args.buffer_size < kept:
         raise UsageError(f"--buffer-size {args.buffer_size} cannot hold the {kept} offline transitions kept")
-    run = open_run(
-        args,
-        METHOD,
-        task,
-        dataset_transitions=len(data["rewards"]),
-        offline_kept=kept,
-        pretrained_from=pretrained and pretrained["path"],
-    )
+    pretrained_from = pretrained and pretrained["path"]
+    info = dict(dataset_transitions=dataset_size, offline_kept=kept, pretrained_from=pretrained_from)
+    run = open_run(args, METHOD, task, **info)
 
     device, rng = pick_device(args.device), seed_everything(args.seed)
     obs_dim, space = data["obs"].shape[1], task.env.action_space
     agent = Agent(obs_dim, space.shape[0], space.low, space.high, args, device)
-    run.describe_actor(
-        "Actor",
-        obs_dim=obs_dim,
-        act_dim=space.shape[0],
-        action_low=space.low.tolist(),
-        action_high=space.high.tolist(),
-        **{k: getattr(args, k) for k in NETWORK_KEYS[:3]},
-    )
+    net = dict(hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, activation=args.activation)
+    bounds = dict(action_low=space.low.tolist(), action_high=space.high.tolist())
+    run.describe_actor("Actor", obs_dim=obs_dim, act_dim=space.shape[0], **bounds, **net)
     run.log("progress", COLUMNS, echo=True)
     run.log("episodes", EPISODE_COLUMNS)
     latest = run.restore(agent, rng, task.env, pretrained)  # --resume's latest.pt, else --load-offline's agent
 
     with run:
         if latest is None or latest["phase"] == "offline":
-            buffer = ReplayBuffer(len(data["rewards"]), obs_dim, space.shape[0], device)
+            buffer = ReplayBuffer(dataset_size, obs_dim, space.shape[0], device)
             buffer.add(**data)
             if pretrained is None:
-                pretrain(agent, buffer, args, run, task, rng, start=latest["step"] if latest else 0)
+                start = latest["step"] if latest else 0
+                evaluation_due = latest is None or latest.get("evaluation_due", False)
+                pretrain(agent, buffer, args, run, task, rng, start, evaluation_due)
             if args.online_steps > 0:  # 0: pre-train only (offline.pt, final.pt, actor.pt)
                 buffer, state = switch_to_online(agent, buffer, args, run, task, rng)
         else:

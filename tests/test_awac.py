@@ -4,6 +4,8 @@ hand, then the script end to end as a subprocess with tiny budgets (a run, --loa
 import functools
 import json
 import math
+import signal
+import time
 
 import pytest
 import torch
@@ -323,3 +325,58 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, 
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
     assert_same_networks(run_a, run_b, ("actor", "critic", "critic_target"))
     assert optimizer_steps(run_b) == optimizer_steps(run_a) == (900, 900)
+
+
+# ---- A stop signal during an evaluation ---------------------------------------------------------------------
+TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
+
+
+# (K, T, rows written before the cut evaluation, the state latest.pt holds, every row of the finished run)
+OFFLINE_ROWS = [("offline", "0"), ("offline", "5")]
+CUT_EVALUATIONS = {
+    "pre-training": (10, 0, 1, ("offline", 5), OFFLINE_ROWS + [("offline", "10")]),
+    "the switch": (5, 10, 2, ("online", 0), OFFLINE_ROWS + [("online", "0"), ("online", "5"), ("online", "10")]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", CUT_EVALUATIONS)
+def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, datasets_path, tmp_path):
+    # Evaluations of 150 episodes every 5 steps: the run spends nearly all its time evaluating, so a SIGTERM sent
+    # just after a row lands in the next evaluation (latest.pt says which). Not a mid-fine-tuning evaluation: there
+    # a stop signal cuts the training episode, so a resumed run cannot match an uninterrupted one.
+    K, T, rows_before, (phase, step), rows = CUT_EVALUATIONS[where]
+    flags = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
+    flags += ["--eval-every", 5, "--eval-episodes", 150, "--hidden-dim", 16, "--batch-size", 32]
+    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
+    stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("b/*/progress.csv")):
+        time.sleep(0.05)
+    (run_b,) = (tmp_path / "b").iterdir()
+    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sent = time.time()
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=60)
+    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
+    assert stopped.returncode == 143, err
+    assert "Traceback" not in err, err
+    state = torch.load(run_b / "latest.pt", weights_only=True)
+    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
+    assert (state["phase"], state["step"]) == (phase, step), "the state saved is the one before the evaluation"
+    assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
+    resumed = start("--resume", run_b, **kw)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    uninterrupted = start(*flags, "--output-dir", tmp_path / "a", **kw)
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    (run_a,) = (tmp_path / "a").iterdir()
+    same = [c for c in awac.COLUMNS if c not in TIMINGS]
+    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
+    assert [(r["phase"], r["step"]) for r in rows_b] == rows, "each evaluation once"
+    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "same training episodes"
+    assert_same_networks(run_a, run_b, ("actor", "critic", "critic_target"))
