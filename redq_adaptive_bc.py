@@ -475,7 +475,7 @@ def log_evaluation(run, agent, task, args, rng, phase, step, alpha, resume: dict
     When a stop signal cuts the evaluation short, save `resume` (the state before it, so --resume redoes it)."""
     returns = evaluate(agent, task.eval_env, args.eval_episodes, args.seed + 100)
     if returns is None:
-        run.save_latest(dict(resume, evaluation_due=True), rng, env)  # raises Preempted
+        run.save_latest({"evaluation_due": True, **resume}, rng, env)  # raises Preempted
     scores = 100 * task.normalized(returns)
     run.log_evaluation(phase, step, returns, scores, run.means.pop(), agent.num_updates, alpha=alpha, **extra)
     return returns
@@ -521,8 +521,8 @@ def switch_to_online(agent, buffer, args, run, task, rng):
     kept, total = online_buffer.size, buffer.size
     everything = " (all of them: --keep-min is not below the dataset's size)" if kept >= total else ""
     print(f"switch to online: kept {kept} of {total} offline transitions{everything}", file=sys.stderr)
-    # A stop signal here resumes from the end of pre-training, which redoes the switch (its draw is seeded).
-    resume = checkpoint(agent, "offline", args.offline_steps)
+    # A stop signal here resumes from the end of pre-training (its rows all written), which redoes the seeded switch.
+    resume = checkpoint(agent, "offline", args.offline_steps, evaluation_due=False)
     returns = log_evaluation(run, agent, task, args, rng, "online", 0, args.alpha_online, resume)
     R_last = task.normalized(returns[0] if args.r_last_start == "one-episode" else returns.mean())  # main.py:181
     state = dict(alpha_online=args.alpha_online, R_last=float(R_last), R_current=None)

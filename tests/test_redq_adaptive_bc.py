@@ -1356,18 +1356,36 @@ def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(dataset
     assert_same_state(final_a, final_b, where=f"seed {seed}")
 
 
+OFFLINE_ROWS = [("offline", "0"), ("offline", "5")]
+# (K, T, rows written before the cut evaluation, latest.pt's (phase, step, evaluation_due), every row at the end)
+CUT_EVALUATIONS = {
+    "pre-training": (10, 0, 1, ("offline", 5, True), OFFLINE_ROWS + [("offline", "10")]),
+    # The switch's evaluation: --resume restarts from the end of pre-training and redoes the seeded switch,
+    # without writing pre-training's last row twice.
+    "the switch": (
+        5,
+        10,
+        2,
+        ("offline", 5, False),
+        OFFLINE_ROWS + [("online", "0"), ("online", "5"), ("online", "10")],
+    ),
+}
+
+
 @pytest.mark.slow
-def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(datasets_path, tmp_path):
-    # Evaluations of 150 episodes every 5 gradient steps: the run spends nearly all its time evaluating, so a
-    # SIGTERM sent after the first row lands in the evaluation at step 5 (latest.pt says which).
-    flags = [*RESUMABLE[:4], "--offline-steps", 10, "--online-steps", 0, "--eval-every", 5, "--eval-episodes", 150]
-    flags += ["--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32]
+@pytest.mark.parametrize("where", CUT_EVALUATIONS)
+def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, datasets_path, tmp_path):
+    # Evaluations of 150 episodes every 5 steps: the run spends nearly all its time evaluating, so a SIGTERM sent
+    # just after a row lands in the next evaluation (latest.pt says which).
+    K, T, rows_before, saved, rows = CUT_EVALUATIONS[where]
+    flags = [*RESUMABLE[:4], "--offline-steps", K, "--online-steps", T, "--eval-every", 5, "--eval-episodes", 150]
+    flags += ["--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100]
     stopped = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "b")
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(tmp_path.glob("b/*/progress.csv"))) == 0:
+    while time.time() < deadline and not list(tmp_path.glob("b/*/progress.csv")):
         time.sleep(0.05)
     (run_b,) = (tmp_path / "b").iterdir()
-    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < 1:
+    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:
         time.sleep(0.05)
     time.sleep(0.3)
     sent = time.time()
@@ -1377,9 +1395,8 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(dataset
     assert stopped.returncode == 143, err
     assert "Traceback" not in err
     state = latest_state(run_b)
-    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
-    assert state["step"] == 5, "the state saved is the one before the evaluation at step 5"
-    assert len(read_csv(run_b / "progress.csv")) == 1, "the cut evaluation wrote no row"
+    assert (state["phase"], state["step"], state["evaluation_due"]) == saved, "latest.pt: the state before it"
+    assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
     resumed = start(datasets_path, tmp_path, "--resume", run_b)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
@@ -1389,8 +1406,9 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(dataset
     (run_a,) = (tmp_path / "a").iterdir()
     same = [c for c in m.COLUMNS if c not in TIMINGS]
     rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
-    assert [(r["phase"], r["step"]) for r in rows_b] == [("offline", "0"), ("offline", "5"), ("offline", "10")]
+    assert [(r["phase"], r["step"]) for r in rows_b] == rows, "every row once"
     assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "the same training episodes"
     final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
     final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
-    assert_same_state(final_a, final_b, where="after a stopped evaluation")
+    assert_same_state(final_a, final_b, where=f"after a stopped evaluation ({where})")
