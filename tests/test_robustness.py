@@ -748,7 +748,7 @@ def test_sigterm_during_a_dataset_build_stops_it_within_seconds_leaving_nothing(
     assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "stopped by SIGTERM: dataset local/hopper/random-40000steps-v0 was not finished and nothing of it was kept; "
+        "stopped by SIGTERM: dataset local/hopper/uniform-random-40000steps-v0 was not finished and nothing of it was kept; "
         "the next run obtains it again"
     )
     assert list(root.rglob("*")) == [], "no dataset, no staging folder"
@@ -806,7 +806,7 @@ def test_a_dataset_to_build_in_a_read_only_datasets_root(tmp_path):
         seconds = time.monotonic() - started
     usage_error(
         proc,
-        f"dataset local/hopper/random-300steps-v0 is not in {where} and cannot be written there "
+        f"dataset local/hopper/uniform-random-300steps-v0 is not in {where} and cannot be written there "
         f"(Read-only file system); set MINARI_DATASETS_PATH to a writable folder",
         alone=True,
     )
@@ -903,13 +903,13 @@ def test_sigterm_while_medium_expert_is_combined_stops_at_once(tmp_path):
     finally:
         del os.environ["MINARI_DATASETS_PATH"]
     before = snapshot(root)
-    command = (MAIN, "--dataset", "medium-expert", "--output-dir", runs)
+    command = (MAIN, "--dataset", "minari-medium-expert", "--output-dir", runs)
     proc, marks = start_hooked("slow-combine", tmp_path, *command, datasets_path=root, cwd=tmp_path)
     result, seconds = sigterm_when_marked(proc, marks, "combine")
     assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
     assert result.stderr.strip().splitlines()[-1] == (
-        "stopped by SIGTERM: dataset local/hopper/medium-expert-v0 was not finished and nothing of it was kept; "
+        "stopped by SIGTERM: dataset local/hopper/minari-medium-expert-v0 was not finished and nothing of it was kept; "
         "the next run obtains it again"
     )
     assert snapshot(root) == before and no_run_folder(runs)
