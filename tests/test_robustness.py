@@ -748,8 +748,8 @@ def test_sigterm_during_a_dataset_build_stops_it_within_seconds_leaving_nothing(
     assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "stopped by SIGTERM: dataset local/hopper/uniform-random-40000steps-v0 was not finished and nothing of it was kept; "
-        "the next run obtains it again"
+        "stopped by SIGTERM: dataset local/hopper/uniform-random-40000steps-v0 was not finished and nothing of it "
+        "was kept; the next run obtains it again"
     )
     assert list(root.rglob("*")) == [], "no dataset, no staging folder"
     assert no_run_folder(runs)
