@@ -346,12 +346,12 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, 
     # just after a row lands in the next evaluation (latest.pt says which). Not a mid-fine-tuning evaluation: there
     # a stop signal cuts the training episode, so a resumed run cannot match an uninterrupted one.
     K, T, rows_before, (phase, step), rows = CUT_EVALUATIONS[where]
-    flags = ["--dataset", "random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
+    flags = ["--dataset", "uniform-random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
     flags += ["--eval-every", 5, "--eval-episodes", 150, "--hidden-dim", 16, "--batch-size", 32]
     kw = dict(datasets_path=datasets_path, cwd=tmp_path)
     stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("b/*/progress.csv")):
+    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/progress.csv")):
         time.sleep(0.05)
     (run_b,) = (tmp_path / "b").iterdir()
     while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:

@@ -383,7 +383,7 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(tmp_pat
     flags += ["--online-steps", 2 * s, "--eval-every", s, "--eval-episodes", 150]
     stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("b/*/episodes.csv")):
+    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/episodes.csv")):
         time.sleep(0.05)
     (run_b,) = (tmp_path / "b").iterdir()
     while time.time() < deadline and len(read_csv(run_b / "episodes.csv")) < 1:

@@ -1382,7 +1382,7 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, 
     flags += ["--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100]
     stopped = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "b")
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("b/*/progress.csv")):
+    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/progress.csv")):
         time.sleep(0.05)
     (run_b,) = (tmp_path / "b").iterdir()
     while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:
