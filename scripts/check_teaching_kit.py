@@ -85,7 +85,7 @@ MISTAKES = [  # (mistake, text in redq_adaptive_bc.py, replacement)
     ),
     ("actor_loss: no .detach() on the normalizer", "q_bar.abs().mean().detach()", "q_bar.abs().mean()"),
     ("actor_loss: no abs() in the normalizer", "q_bar.abs().mean().detach()", "q_bar.mean().detach()"),
-    ("actor_loss: BC term with the wrong sign", "+ alpha * ((pi - batch.actions)", "- alpha * ((pi - batch.actions)"),
+    ("actor_loss: BC term with the wrong sign", "return q_term + alpha * bc_term", "return q_term - alpha * bc_term"),
     (
         "actor_loss: min over critics instead of the mean",
         "critic(batch.obs, pi).mean(dim=0)",
