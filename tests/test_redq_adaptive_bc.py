@@ -1412,3 +1412,18 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, 
     final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
     final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]
     assert_same_state(final_a, final_b, where=f"after a stopped evaluation ({where})")
+
+
+def test_a_dataset_whose_mean_reaches_r_target_gets_a_warning_that_eq2_cannot_lower_alpha(
+    datasets_path, tmp_path, capsys
+):
+    # The 400-step uniform-random data score about 1 (x100): R_target = 0 is reached, the paper's 1.0 is not.
+    flags = ["--dataset", "uniform-random", "--random-dataset-steps", 400, "--offline-steps", 1, "--online-steps", 0]
+    flags += ["--eval-every", 1, "--eval-episodes", 1, "--hidden-dim", 8, "--num-critics", 2, "--batch-size", 8]
+    in_process(*flags, "--target-return", 0, "--output-dir", tmp_path / "reached")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, "one warning when the data's mean reaches R_target"
+    assert "R_target = 0: Eq. 2's P term cannot lower alpha" in warnings[0], warnings[0]
+    in_process(*flags, "--output-dir", tmp_path / "not-reached")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [], "no warning under the paper's R_target = 1.0"
