@@ -194,3 +194,41 @@ def assert_same_networks(run_a, run_b, parts):
     for part in parts:
         for key, value in final_a[part].items():
             assert torch.equal(value, final_b[part][key]), (part, key)
+
+
+# ---- A stop signal during an evaluation (every script's test) ---------------------------------------------------
+TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")  # progress.csv columns that depend on wall time
+
+
+def sigterm_during_an_evaluation(script, flags, out, log, rows, *, datasets_path, cwd):
+    """Start a run whose evaluations take nearly all its time, and SIGTERM it once its `log` (a CSV of the run
+    folder) has `rows` rows: the signal lands in the next evaluation. Checks that it stops as a preempted run
+    (exit 143 within 5 s, no traceback); returns the run folder and its latest.pt."""
+    proc = start_script(script, *flags, "--output-dir", out, datasets_path=datasets_path, cwd=cwd)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(Path(out).glob(f"*/{log}")):
+        time.sleep(0.05)
+    (run_dir,) = Path(out).iterdir()
+    while time.time() < deadline and proc.poll() is None and len(read_csv(run_dir / log)) < rows:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    return run_dir, torch.load(run_dir / "latest.pt", weights_only=True)
+
+
+def run_to_the_end(script, *flags, datasets_path, cwd):
+    """A script run (or --resume RUN) that must finish with exit status 0."""
+    proc = start_script(script, *flags, datasets_path=datasets_path, cwd=cwd)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
+def numbers(run_dir, columns):
+    """progress.csv's values row by row, the wall-time columns left out: what two runs of one trajectory share."""
+    same = [c for c in columns if c not in TIMINGS]
+    return [[row[c] for c in same] for row in read_csv(run_dir / "progress.csv")]

@@ -4,15 +4,24 @@ back with Minari and replayed through the environment; --stop-at-score; resume a
 
 import functools
 import json
-import signal
-import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FixedActor, assert_same_networks, optimizer_steps, read_csv, run_script, signal_when, start_script
+from conftest import (
+    FixedActor,
+    assert_same_networks,
+    numbers,
+    optimizer_steps,
+    read_csv,
+    run_script,
+    run_to_the_end,
+    signal_when,
+    sigterm_during_an_evaluation,
+    start_script,
+)
 
 import redq
 from plumbing.cli import UsageError, parse_args
@@ -363,7 +372,6 @@ def test_killed_in_the_warm_up_and_resumed_ends_like_an_uninterrupted_run(redq_r
 
 
 # ---- A stop signal during an evaluation ---------------------------------------------------------------------
-TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
 
 
 @pytest.mark.slow
@@ -381,34 +389,14 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(tmp_pat
     # Evaluations of 150 episodes at steps 0, s and 2s: a SIGTERM sent just after the first training episode's
     # row lands in the evaluation at step s (latest.pt says which).
     flags += ["--online-steps", 2 * s, "--eval-every", s, "--eval-episodes", 150]
-    stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
-    deadline = time.time() + 120
-    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/episodes.csv")):
-        time.sleep(0.05)
-    (run_b,) = (tmp_path / "b").iterdir()
-    while time.time() < deadline and len(read_csv(run_b / "episodes.csv")) < 1:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    sent = time.time()
-    stopped.send_signal(signal.SIGTERM)
-    _, err = stopped.communicate(timeout=60)
-    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
-    assert stopped.returncode == 143, err
-    assert "Traceback" not in err, err
-    state = torch.load(run_b / "latest.pt", weights_only=True)
+    run_b, state = sigterm_during_an_evaluation("baselines/redq.py", flags, tmp_path / "b", "episodes.csv", 1, **kw)
     assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
     assert state["step"] == s, "the state saved is the one before the evaluation at step s"
     assert len(read_csv(run_b / "progress.csv")) == 1, "the cut evaluation wrote no row"
-    resumed = start("--resume", run_b, **kw)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    uninterrupted = start(*flags, "--output-dir", tmp_path / "a", **kw)
-    _, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
+    run_to_the_end("baselines/redq.py", "--resume", run_b, **kw)
+    run_to_the_end("baselines/redq.py", *flags, "--output-dir", tmp_path / "a", **kw)
     (run_a,) = (tmp_path / "a").iterdir()
-    same = [c for c in redq.COLUMNS if c not in TIMINGS]
-    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
-    assert [r["step"] for r in rows_b] == ["0", str(s), str(2 * s)]
-    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert [r["step"] for r in read_csv(run_b / "progress.csv")] == ["0", str(s), str(2 * s)]
+    assert numbers(run_b, redq.COLUMNS) == numbers(run_a, redq.COLUMNS), "same numbers"
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv")
     assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target"))

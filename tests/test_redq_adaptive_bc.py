@@ -10,7 +10,6 @@ import math
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,13 +20,17 @@ import torch
 import torch.nn as nn
 from conftest import (
     HOPPER_REF,
+    TIMINGS,
     TINY,
     FixedActor,
     hopper_episodes,
     make_minari_dataset,
+    numbers,
     read_csv,
     run_script,
+    run_to_the_end,
     signal_when,
+    sigterm_during_an_evaluation,
     spaces,
     start_script,
     write_d4rl_file,
@@ -38,8 +41,6 @@ import redq_adaptive_bc as m
 from plumbing.cli import STOP_SIGNALS, TrainingDiverged, check_run_args, parse_args, run_main
 from plumbing.compile import compile_step
 from plumbing.run_folder import RunningMeans
-
-TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
 
 
 def tiny(*extra):
@@ -1304,6 +1305,9 @@ RESUMABLE = [
 ]
 
 
+MAIN = "redq_adaptive_bc.py"
+
+
 def start(datasets_path, cwd, *flags):
     return start_script("redq_adaptive_bc.py", *flags, datasets_path=datasets_path, cwd=cwd)
 
@@ -1380,34 +1384,15 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, 
     K, T, rows_before, saved, rows = CUT_EVALUATIONS[where]
     flags = [*RESUMABLE[:4], "--offline-steps", K, "--online-steps", T, "--eval-every", 5, "--eval-episodes", 150]
     flags += ["--hidden-dim", 16, "--num-critics", 3, "--batch-size", 32, "--keep-min", 100]
-    stopped = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "b")
-    deadline = time.time() + 120
-    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/progress.csv")):
-        time.sleep(0.05)
-    (run_b,) = (tmp_path / "b").iterdir()
-    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    sent = time.time()
-    stopped.send_signal(signal.SIGTERM)
-    _, err = stopped.communicate(timeout=60)
-    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
-    assert stopped.returncode == 143, err
-    assert "Traceback" not in err
-    state = latest_state(run_b)
+    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
+    run_b, state = sigterm_during_an_evaluation(MAIN, flags, tmp_path / "b", "progress.csv", rows_before, **kw)
     assert (state["phase"], state["step"], state["evaluation_due"]) == saved, "latest.pt: the state before it"
     assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
-    resumed = start(datasets_path, tmp_path, "--resume", run_b)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    uninterrupted = start(datasets_path, tmp_path, *flags, "--output-dir", tmp_path / "a")
-    _, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
+    run_to_the_end(MAIN, "--resume", run_b, **kw)
+    run_to_the_end(MAIN, *flags, "--output-dir", tmp_path / "a", **kw)
     (run_a,) = (tmp_path / "a").iterdir()
-    same = [c for c in m.COLUMNS if c not in TIMINGS]
-    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
-    assert [(r["phase"], r["step"]) for r in rows_b] == rows, "every row once"
-    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert [(r["phase"], r["step"]) for r in read_csv(run_b / "progress.csv")] == rows, "every row once"
+    assert numbers(run_b, m.COLUMNS) == numbers(run_a, m.COLUMNS), "same numbers"
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "the same training episodes"
     final_a = torch.load(run_a / "final.pt", weights_only=True)["agent"]
     final_b = torch.load(run_b / "final.pt", weights_only=True)["agent"]

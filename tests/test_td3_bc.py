@@ -3,8 +3,6 @@ end to end as a subprocess with tiny budgets (a run, --load-offline, resume afte
 
 import functools
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -13,10 +11,13 @@ from conftest import (
     HOPPER_REF,
     FixedActor,
     assert_same_networks,
+    numbers,
     optimizer_steps,
     read_csv,
     run_script,
+    run_to_the_end,
     signal_when,
+    sigterm_during_an_evaluation,
     start_script,
 )
 
@@ -48,7 +49,8 @@ RUN = [
     50,
 ]
 
-start = functools.partial(start_script, "baselines/td3_bc.py")  # start(*flags, datasets_path=, cwd=)
+SCRIPT = "baselines/td3_bc.py"
+start = functools.partial(start_script, SCRIPT)  # start(*flags, datasets_path=, cwd=)
 
 
 # ---- Mechanisms ---------------------------------------------------------------------------------------------
@@ -329,7 +331,6 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(td3_run, datase
 
 
 # ---- A stop signal during an evaluation ---------------------------------------------------------------------
-TIMINGS = ("updates_per_s", "env_steps_per_s", "wall_s")
 
 
 # (K, T, rows written before the cut evaluation, the state latest.pt holds, every row of the finished run)
@@ -350,34 +351,14 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, 
     flags = ["--dataset", "uniform-random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
     flags += ["--eval-every", 5, "--eval-episodes", 150, "--hidden-dim", 16, "--batch-size", 32]
     kw = dict(datasets_path=datasets_path, cwd=tmp_path)
-    stopped = start(*flags, "--output-dir", tmp_path / "b", **kw)
-    deadline = time.time() + 120
-    while time.time() < deadline and stopped.poll() is None and not list(tmp_path.glob("b/*/progress.csv")):
-        time.sleep(0.05)
-    (run_b,) = (tmp_path / "b").iterdir()
-    while time.time() < deadline and len(read_csv(run_b / "progress.csv")) < rows_before:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    sent = time.time()
-    stopped.send_signal(signal.SIGTERM)
-    _, err = stopped.communicate(timeout=60)
-    assert time.time() - sent < 5, "the evaluation stops within seconds of the signal"
-    assert stopped.returncode == 143, err
-    assert "Traceback" not in err, err
-    state = torch.load(run_b / "latest.pt", weights_only=True)
+    run_b, state = sigterm_during_an_evaluation(SCRIPT, flags, tmp_path / "b", "progress.csv", rows_before, **kw)
     assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
     assert (state["phase"], state["step"]) == (phase, step), "the state saved is the one before the evaluation"
     assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
-    resumed = start("--resume", run_b, **kw)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    uninterrupted = start(*flags, "--output-dir", tmp_path / "a", **kw)
-    _, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
+    run_to_the_end(SCRIPT, "--resume", run_b, **kw)
+    run_to_the_end(SCRIPT, *flags, "--output-dir", tmp_path / "a", **kw)
     (run_a,) = (tmp_path / "a").iterdir()
-    same = [c for c in td3_bc.COLUMNS if c not in TIMINGS]
-    rows_a, rows_b = read_csv(run_a / "progress.csv"), read_csv(run_b / "progress.csv")
-    assert [(r["phase"], r["step"]) for r in rows_b] == rows, "each evaluation once"
-    assert [[r[c] for c in same] for r in rows_b] == [[r[c] for c in same] for r in rows_a], "same numbers"
+    assert [(r["phase"], r["step"]) for r in read_csv(run_b / "progress.csv")] == rows, "each evaluation once"
+    assert numbers(run_b, td3_bc.COLUMNS) == numbers(run_a, td3_bc.COLUMNS), "same numbers"
     assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "same training episodes"
     assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target"))
