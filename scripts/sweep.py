@@ -17,11 +17,11 @@ offline phase) and figure groups with chain=False run whole. A fine-tune waits f
     python scripts/sweep.py --figure 3 --slurm fig3.sbatch --gpus 1 --setup "module load cuda"; bash fig3.submit.sh
 
 The sweep folder (--sweep-dir; default sweeps/<name>-<date>-<time>, outside runs/ so that `plot.py runs/` never
-meets its seeds) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/; a restarted task finds
-its run there (final.pt: done; else --resume). Locally, each run holds its task's claim (logs/task_<i>.lock, flock)
-while it lives: a sweep started again waits for a run an earlier start left alive, and never starts it twice. Slurm
-tasks run with HF_HUB_OFFLINE=1 (datasets must be local) and get SIGUSR1 2 minutes before their time limit: the run
-saves latest.pt, exits 138 and requeues.
+meets its seeds) holds commands.txt (line i+1 is task i), logs/task_<i>.log and runs/task_<i>/; a restarted task
+finds its run there (finished, with final.pt and actor.pt and no latest.pt: done; else --resume). Locally, each run
+holds its task's claim (logs/task_<i>.lock, flock) while it lives: a sweep started again waits for a run an earlier
+start left alive, and never starts it twice. Slurm tasks run with HF_HUB_OFFLINE=1 (datasets must be local) and get
+SIGUSR1 2 minutes before their time limit: the run saves latest.pt, exits 138 and requeues.
 """
 
 import argparse
@@ -182,13 +182,19 @@ def expand(groups, envs, datasets, seeds, extra, pretrain_once, runs_dir, root):
     return runs
 
 
+def run_complete(run):
+    """RunFolder.finish got to its end: final.pt, actor.pt, no latest.pt. A run killed inside it (final.pt alone) is
+    resumed, and --resume writes what it left undone."""
+    return (run / "final.pt").exists() and (run / "actor.pt").exists() and not (run / "latest.pt").exists()
+
+
 def plan(argv, root):
     """(argv, note) of a task as it starts; argv None: its run is complete. An unfinished run is resumed (with
     the arguments in its config.json); a fine-tune gets the offline.pt of its pre-training task's finished run."""
     task_dir = root / argv[argv.index("--output-dir") + 1]
     found = [f for f in sorted(task_dir.glob("*__*__*__*")) if (f / "config.json").is_file()]  # name order is age
     argv = [sys.executable, *argv[1:]]
-    if found and (found[-1] / "final.pt").exists():
+    if found and run_complete(found[-1]):
         return None, f"complete: {found[-1]}"
     if found:
         return [*argv[:2], "--resume", str(found[-1])], f"resuming {found[-1]}"

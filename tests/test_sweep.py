@@ -24,7 +24,8 @@ SWEEP = ROOT / "scripts" / "sweep.py"
 
 # A training script's outside: rejects unknown flags with exit 2 before any work, and so does --load-offline
 # given another --hidden-dim than its pre-training's (as the scripts' NETWORK_KEYS); writes
-# <output-dir>/<env>-<dataset>__<name>__<seed>__<time>/ with config.json, then offline.pt and final.pt;
+# <output-dir>/<env>-<dataset>__<name>__<seed>__<time>/ with config.json, then offline.pt, final.pt and actor.pt
+# (removing latest.pt; STUB_DIE_IN_FINISH: SIGKILLed after final.pt);
 # --resume RUN continues RUN; SIGTERM/SIGUSR1 save latest.pt and exit 128 + signal. It appends its
 # argv and start/end times to <run>/calls.jsonl. STUB_SLEEP: seconds to run.
 STUB = r"""
@@ -66,6 +67,11 @@ if "--fail" in argv:
     sys.exit(1)
 open(os.path.join(run, "offline.pt"), "w").write("agent")
 open(os.path.join(run, "final.pt"), "w").write("done")
+if "STUB_DIE_IN_FINISH" in os.environ:  # killed between final.pt and actor.pt, as RunFolder.finish could be
+    os.kill(os.getpid(), signal.SIGKILL)
+open(os.path.join(run, "actor.pt"), "w").write("policy")
+if os.path.exists(os.path.join(run, "latest.pt")):
+    os.remove(os.path.join(run, "latest.pt"))
 """
 
 
@@ -484,6 +490,25 @@ def test_interrupted_sweep_stops_its_runs_with_sigterm(stub, tmp_path):
     assert proc.returncode == 130
     assert out.splitlines()[-2] == "3 runs: 2 interrupted, 1 not started"
     assert len(list(sd.glob("runs/task_*/*/latest.pt"))) == 2  # the runs saved their state
+
+
+def test_a_run_killed_inside_its_finish_is_resumed_not_counted_complete(stub, tmp_path, capsys, monkeypatch):
+    """A run SIGKILLed between final.pt and actor.pt (RunFolder.finish) is not complete: started again, the sweep
+    gives it --resume, which writes actor.pt (plumbing.run_folder.complete_finish); then it is complete."""
+    sd = tmp_path / "sw"
+    args = ["--methods", str(stub), "--seeds", "0", "--sweep-dir", str(sd), "--status-every", "0.1"]
+    monkeypatch.setenv("STUB_DIE_IN_FINISH", "1")
+    assert sweep.main(args) == 1
+    ((run, first),) = calls(sd / "runs" / "task_0")
+    assert (run / "final.pt").exists() and not (run / "actor.pt").exists(), "the stub died inside its finish"
+    monkeypatch.delenv("STUB_DIE_IN_FINISH")
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == "1 runs: 1 ok", "run again, not counted complete"
+    assert calls(sd / "runs" / "task_0")[-1][1]["argv"] == ["--resume", str(run)]
+    assert (run / "actor.pt").exists()
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == "1 runs: 1 complete", "finished now"
 
 
 def test_a_sweep_killed_and_started_again_runs_no_task_twice(stub, tmp_path):
