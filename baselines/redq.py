@@ -32,7 +32,7 @@ Open choices, their sources and flags (REDQ = watchernyu/REDQ, authors' code = z
 The loop, line by line:
     every env step: act (uniform in the warm-up, else pi + noise), store it        train -> explore
     after the warm-up, G times: critics (Eq. 3), the actor when due, targets      Agent.update, actor_update_due
-    at the end: the datasets asked for                                             export_datasets -> rollout
+    at the end: the datasets asked for, then final.pt                             export_datasets -> rollout
 
 Building datasets D4RL's way (Fu et al. 2020; README): --stop-at-score X stops at the first evaluation scoring
 X (the early-stopped "medium" agent); --export-replay ID writes every transition collected, warm-up included
@@ -184,11 +184,10 @@ def check_args(args: Args) -> None:
         batch_size=args.batch_size,
     )
     choose_reference_scores(args.env, args.ref_min_score, args.ref_max_score)  # rejects min >= max
-    # An id that cannot be written fails now, not after a day of training (a finished run wrote them itself).
-    finished = args.resume is not None and (Path(args.resume) / "final.pt").exists()
+    # An id that cannot be written fails now, not after a day of training (a resumed run may have written it).
     for flag, dataset_id in [("--export-replay", args.export_replay), ("--export-rollouts", args.export_rollouts)]:
         try:
-            if dataset_id is not None and dataset_path(dataset_id).exists() and not finished:
+            if dataset_id is not None and dataset_path(dataset_id).exists() and args.resume is None:
                 raise UsageError(f"dataset {dataset_id} already exists; delete it or choose another id")
         except UsageError as e:  # also an id that is not a Minari id
             raise UsageError(f"{flag}: {e}") from None
@@ -534,8 +533,10 @@ def train(agent, buffer, replay, args, run, task, rng, state):
     return step, score
 
 
-def export_datasets(agent, replay, args, task, rng, steps_done, score):
-    """D4RL's recipes: the replay of every step (medium-replay), the final policy's rollouts (medium, expert)."""
+def export_datasets(agent, replay, args, run, task, rng, state):
+    """D4RL's recipes: the replay of every step (medium-replay), the final policy's rollouts (medium, expert).
+    They belong to the run: latest.pt (phase "exports", listing those written) lets --resume finish them."""
+    steps_done, score, written = state["step"], state["score"], state["exported"]
     if args.stop_at_score is not None and score < args.stop_at_score:
         print(
             f"note: --stop-at-score {args.stop_at_score} was never reached; the exports hold the agent after "
@@ -544,7 +545,7 @@ def export_datasets(agent, replay, args, task, rng, steps_done, score):
         )
     env_id, built = task.env.spec.id, "built by baselines/redq.py"
     recipe = f"REDQ on TD3 (N={args.num_critics}, M={args.num_min_critics}, G={args.utd}), seed {args.seed}"
-    if replay is not None:
+    if replay is not None and "replay" not in written:
         replay.write(
             args.export_replay,
             env_id,
@@ -554,6 +555,9 @@ def export_datasets(agent, replay, args, task, rng, steps_done, score):
             f"random), {built}",
             *task.ref,
         )
+        written.append("replay")
+        if args.export_rollouts:  # a stop or kill during the rollouts keeps the replay
+            run.save_latest(state, rng, task.env)
     if args.export_rollouts:
         rollouts = rollout(
             agent.actor, gym.make(env_id), args.rollout_steps, args.rollout_noise, rng, agent.device, args.seed + 200
@@ -601,9 +605,14 @@ def main(args: Args):
             evaluate_online(run, agent, task, args, rng, buffer, replay, 0, None)
             state = checkpoint(0, None, agent, buffer, replay, task.env)
             run.save_latest(state, rng, task.env)
-        steps_done, score = train(agent, buffer, replay, args, run, task, rng, state)
+        if state["phase"] != "exports":  # (else a resumed run whose training had ended)
+            steps_done, score = train(agent, buffer, replay, args, run, task, rng, state)
+            state = dict(phase="exports", step=steps_done, score=score, exported=[])
+            if args.export_replay or args.export_rollouts:  # training is done: a stop or kill in the exports keeps it
+                state = checkpoint(steps_done, None, agent, buffer, replay, task.env) | state
+                run.save_latest(state, rng, task.env)
+        export_datasets(agent, replay, args, run, task, rng, state)
         run.finish(agent.state_dict(), agent.actor.state_dict())
-    export_datasets(agent, replay, args, task, rng, steps_done, score)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ class EpisodeRecorder:
 
     def add(self, obs, action, reward, terminated, truncated, next_obs) -> None:
         if self.stoppable and stop_requested:
-            raise Preempted(stop_requested[0], "the recording stopped before it was written: no dataset was made")
+            raise Preempted(
+                stop_requested[0],
+                "the recording stopped before it was written, no dataset was made; latest.pt is saved: "
+                "continue with --resume <run folder>",
+            )
         i = self.size
         self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
         self.terminations[i], self.truncations[i] = terminated, truncated

@@ -915,23 +915,56 @@ def test_sigterm_while_medium_expert_is_combined_stops_at_once(tmp_path):
     assert snapshot(root) == before and no_run_folder(runs)
 
 
-def test_sigterm_during_export_rollouts_stops_at_once_and_writes_no_dataset(tmp_path):
-    """baselines/redq.py --export-rollouts with 10**6 rollout steps after a tiny training run: SIGTERM once the
-    rollouts began (the hook marks it) ends them within 5 s, with no dataset and no staging folder left."""
+def test_sigterm_during_export_rollouts_stops_at_once_and_resume_makes_the_same_dataset(tmp_path):
+    """baselines/redq.py --export-rollouts after a tiny training run: SIGTERM once the rollouts began (the hook
+    marks it) ends them within 5 s, with no rollouts dataset and no staging folder left (the replay, exported
+    first, is kept), and the run not finished: its latest.pt is the state after training (phase "exports", the
+    replay done). --resume then makes the rollouts without training again or rewriting the replay; both datasets
+    equal an uninterrupted run's step for step."""
     root, runs = tmp_path / "datasets", tmp_path / "runs"
     flags = ["--online-steps", 120, "--learning-starts", 100, "--eval-every", 60, "--eval-episodes", 1]
-    flags += ["--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32, "--output-dir", runs]
-    flags += ["--export-rollouts", "local/hopper/rollouts-v0", "--rollout-steps", 10**6]
-    proc, marks = start_hooked("mark-rollouts", tmp_path, "baselines/redq.py", *flags, datasets_path=root, cwd=tmp_path)
+    flags += ["--num-critics", 3, "--hidden-dim", 16, "--batch-size", 32, "--rollout-steps", 10_000]
+    export = ["--export-replay", "local/hopper/replay-v0", "--export-rollouts", "local/hopper/rollouts-v0"]
+    export += ["--output-dir", runs]
+    proc, marks = start_hooked(
+        "mark-rollouts", tmp_path, "baselines/redq.py", *flags, *export, datasets_path=root, cwd=tmp_path
+    )
     result, seconds = sigterm_when_marked(proc, marks, "rollouts")
     assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert seconds < 5, f"{seconds:.1f} s from SIGTERM to exit"
     assert result.stderr.strip().splitlines()[-1] == (
-        "stopped by SIGTERM: the recording stopped before it was written: no dataset was made"
+        "stopped by SIGTERM: the recording stopped before it was written, no dataset was made; latest.pt is saved: "
+        "continue with --resume <run folder>"
     )
-    assert not root.exists() or list(root.rglob("*")) == [], "no dataset, no staging folder"
+    assert sorted(p.name for p in (root / "local" / "hopper").iterdir()) == ["replay-v0"], "the replay alone"
+    assert not list(root.glob(".staging*")), "no staging folder"
+    replay_written = (root / "local/hopper/replay-v0/data/main_data.hdf5").stat().st_mtime_ns
     (run_dir,) = runs.iterdir()
-    assert (run_dir / "final.pt").is_file() and (run_dir / "actor.pt").is_file(), "the run itself had finished"
+    assert not (run_dir / "final.pt").exists(), "the exports belong to the run: it has not finished"
+    state = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert (state["phase"], state["step"], state["exported"]) == ("exports", 120, ["replay"])
+    rows = (run_dir / "progress.csv").read_text()
+
+    resumed = finish(start("baselines/redq.py", "--resume", run_dir, datasets_path=root, cwd=tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "progress.csv").read_text() == rows, "no training step and no evaluation again"
+    assert (run_dir / "final.pt").is_file() and (run_dir / "actor.pt").is_file()
+    assert not (run_dir / "latest.pt").exists()
+    assert (root / "local/hopper/replay-v0/data/main_data.hdf5").stat().st_mtime_ns == replay_written, "kept"
+    assert "writing local/hopper/replay-v0" not in resumed.stderr, "not written again"
+    other = ["--export-replay", "local/hopper/replay-b-v0", "--export-rollouts", "local/hopper/rollouts-b-v0"]
+    other += ["--output-dir", tmp_path / "uninterrupted"]
+    whole = finish(start("baselines/redq.py", *flags, *other, datasets_path=root, cwd=tmp_path))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for dataset in ("replay", "rollouts"):
+        with (
+            h5py.File(root / f"local/hopper/{dataset}-v0/data/main_data.hdf5") as a,
+            h5py.File(root / f"local/hopper/{dataset}-b-v0/data/main_data.hdf5") as b,
+        ):
+            assert sorted(a) == sorted(b) and len(a) > 1, f"{dataset}: the same episodes"
+            for episode in a:
+                for name in ("observations", "actions", "rewards", "terminations", "truncations"):
+                    assert np.array_equal(a[episode][name][()], b[episode][name][()]), (dataset, episode, name)
 
 
 def test_a_stop_signal_swallowed_by_a_weakref_callback_is_raised_again(capsys):
