@@ -40,8 +40,9 @@ seeds -> plot -> table.
 
 Curves never mix configurations: runs of one env, dataset and method whose config.json differ
 in anything but the seed and bookkeeping (paths, host, versions, git commit, device, resume,
-checkpointing, see BOOKKEEPING) are separate curves, labelled by the keys that differ, e.g.
-"td3_bc (alpha_online=0.1)", and one line on stderr says which groups were split by which keys.
+checkpointing, see BOOKKEEPING) are separate curves, labelled by the fewest keys that tell them
+apart, e.g. "td3_bc (alpha_online=0.1)" (--authors-code, which moves six keys: "authors_code=True"),
+and one line on stderr says which groups were split by which keys, all of them.
 A key that only some runs record splits nothing (older runs of a script that gained a flag);
 a run lacking a key others disagree on shows it as "?". --label-by KEY adds keys to every
 label (e.g. to show alpha_online in every panel); it never merges runs that differ.
@@ -380,11 +381,25 @@ def differing_keys(runs):
     return sorted(key for key, seen in values.items() if len(seen) > 1)
 
 
+def telling_keys(runs, split, chosen=()):
+    """The fewest keys of split (greedily, after the chosen ones) whose values tell apart every configuration
+    the runs hold: --authors-code changes six keys at once, and its curve is labelled "authors_code=True"."""
+
+    def curves(keys):  # how many configurations these keys tell apart
+        return len({tuple(setting(run.config, k) if k in run.config else "?" for k in keys) for run in runs})
+
+    chosen = list(chosen)
+    while curves(chosen) < curves(split):
+        candidates = [k for k in split if k not in chosen]
+        chosen.append(max(candidates, key=lambda k: (curves([*chosen, k]), -split.index(k))))  # ties: sorted order
+    return chosen
+
+
 def label_runs(runs, label_by=()):
     """Give every run the label of its curve: the method, "scratch" for a run without offline data,
-    then key=value for the --label-by keys and for every key on which runs of the same env, dataset
-    and method differ. Returns the one-line note saying which groups were split by which keys ("" if
-    none was)."""
+    then key=value for the --label-by keys and for the fewest keys, among those on which runs of the same
+    env, dataset and method differ, that tell the curves apart (telling_keys). Returns the one-line note
+    saying which groups were split by which keys, all of them ("" if none was)."""
     groups, splits = {}, []
     for run in runs:
         groups.setdefault((run.env, run.dataset, run.method), []).append(run)
@@ -392,7 +407,7 @@ def label_runs(runs, label_by=()):
         split = differing_keys(members)
         if split:
             splits.append(f"{env}-{dataset} {method} by {', '.join(split)}")
-        keys = list(label_by) + [k for k in split if k not in label_by]
+        keys = telling_keys(members, split, chosen=label_by) if split else label_by
         for run in members:
             parts = [SCRATCH] if run.scratch else []
             parts += [
@@ -404,8 +419,8 @@ def label_runs(runs, label_by=()):
     if not splits:
         return ""
     return (
-        "note: runs that differ in more than the seed are separate curves, labelled by the keys that "
-        "differ: " + "; ".join(sorted(splits))
+        "note: runs that differ in more than the seed are separate curves, labelled by the fewest of the keys "
+        "that differ that tell them apart; they differ: " + "; ".join(sorted(splits))
     )
 
 

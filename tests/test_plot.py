@@ -434,6 +434,32 @@ def test_runs_that_differ_are_never_averaged(tmp_path):
     assert note.endswith("hopper-medium td3_bc by alpha_online")
 
 
+def test_labels_name_the_fewest_keys_that_tell_the_curves_apart(tmp_path):
+    # The results' three variants: --authors-code moves kd and r_last with it; --no-adaptive-bc moves adaptive_bc.
+    # Each key alone makes 2 curves of the 3; the tie goes to the first in sorted order (adaptive_bc), and then
+    # authors_code (also 3 curves with adaptive_bc, and before kd and r_last) separates the rest.
+    variants = {
+        "default": dict(adaptive_bc=True, authors_code=False, kd=8e-5, r_last="previous"),
+        "authors": dict(adaptive_bc=True, authors_code=True, kd=1e-4, r_last="moving-average"),
+        "fixed": dict(adaptive_bc=False, authors_code=False, kd=8e-5, r_last="previous"),
+    }
+    for i, config in enumerate(variants.values()):
+        folder = write_run(tmp_path, f"hopper-medium__m__0__{i}", online=[(0, 1), (10, 2)], method="m", seed=0)
+        with_config(folder, **config)
+    labels = {Path(r.folder).name: r.label for r in plot.load_runs([tmp_path])}
+    assert labels == {
+        "hopper-medium__m__0__0": "m (adaptive_bc=True, authors_code=False)",
+        "hopper-medium__m__0__1": "m (adaptive_bc=True, authors_code=True)",
+        "hopper-medium__m__0__2": "m (adaptive_bc=False, authors_code=False)",
+    }
+    # Four curves: a splits them 2 + 2, z tells all four apart at once, so z alone labels them.
+    runs = [plot.Run.__new__(plot.Run) for _ in range(4)]
+    for run, (a, z) in zip(runs, [(0, 1), (0, 2), (1, 3), (1, 4)]):
+        run.config = dict(a=a, z=z)
+    assert plot.telling_keys(runs, ["a", "z"]) == ["z"]
+    assert plot.telling_keys(runs, ["a", "z"], chosen=["a"]) == ["a", "z"], "--label-by keys come first"
+
+
 def test_missing_key_is_shown_as_unknown_when_others_disagree(tmp_path):
     # kp 1 and 2 differ; the run without config.json cannot be put in either curve: its own, "kp=?"
     write_run(tmp_path, "hopper-medium__td3_bc__0__1", online=[(0, 1), (10, 2)], method="td3_bc", seed=0)
