@@ -232,3 +232,35 @@ def numbers(run_dir, columns):
     """progress.csv's values row by row, the wall-time columns left out: what two runs of one trajectory share."""
     same = [c for c in columns if c not in TIMINGS]
     return [[row[c] for c in same] for row in read_csv(run_dir / "progress.csv")]
+
+
+# The baselines' cut evaluations (the main script's switch differs: its own table in test_redq_adaptive_bc.py).
+# (K, T, rows written before the cut evaluation, the state latest.pt holds, every row of the finished run)
+OFFLINE_ROWS = [("offline", "0"), ("offline", "5")]
+BASELINE_CUT_EVALUATIONS = {
+    "pre-training": (10, 0, 1, ("offline", 5), OFFLINE_ROWS + [("offline", "10")]),
+    "the switch": (5, 10, 2, ("online", 0), OFFLINE_ROWS + [("online", "0"), ("online", "5"), ("online", "10")]),
+}
+
+
+def check_a_stop_signal_during_an_evaluation(script, where, extra_flags, columns, parts, *, datasets_path, tmp_path):
+    """A baseline's evaluation cut by SIGTERM (BASELINE_CUT_EVALUATIONS[where]) is redone by --resume, which then
+    ends like an uninterrupted run. Evaluations of 150 episodes every 5 steps: the run spends nearly all its time
+    evaluating, so a SIGTERM sent just after a row lands in the next evaluation (latest.pt says which). Not a
+    mid-fine-tuning evaluation: there a stop signal cuts the training episode, so a resumed run cannot match an
+    uninterrupted one."""
+    K, T, rows_before, (phase, step), rows = BASELINE_CUT_EVALUATIONS[where]
+    flags = ["--dataset", "uniform-random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
+    flags += ["--eval-every", 5, "--eval-episodes", 150, "--hidden-dim", 16, "--batch-size", 32, *extra_flags]
+    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
+    run_b, state = sigterm_during_an_evaluation(script, flags, tmp_path / "b", "progress.csv", rows_before, **kw)
+    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
+    assert (state["phase"], state["step"]) == (phase, step), "the state saved is the one before the evaluation"
+    assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
+    run_to_the_end(script, "--resume", run_b, **kw)
+    run_to_the_end(script, *flags, "--output-dir", tmp_path / "a", **kw)
+    (run_a,) = (tmp_path / "a").iterdir()
+    assert [(r["phase"], r["step"]) for r in read_csv(run_b / "progress.csv")] == rows, "each evaluation once"
+    assert numbers(run_b, columns) == numbers(run_a, columns), "same numbers"
+    assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "same training episodes"
+    assert_same_networks(run_a, run_b, parts)

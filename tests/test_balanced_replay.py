@@ -9,18 +9,17 @@ import math
 import pytest
 import torch
 from conftest import (
+    BASELINE_CUT_EVALUATIONS,
     TINY_BUDGETS,
     FixedActor,
     assert_same_networks,
+    check_a_stop_signal_during_an_evaluation,
     hopper_episodes,
     make_minari_dataset,
-    numbers,
     optimizer_steps,
     read_csv,
     run_script,
-    run_to_the_end,
     signal_when,
-    sigterm_during_an_evaluation,
     start_script,
 )
 
@@ -437,43 +436,10 @@ def test_killed_twice_and_resumed_ends_like_an_uninterrupted_run(datasets_path, 
 # ---- A stop signal during an evaluation ---------------------------------------------------------------------
 
 
-# (K, T, rows written before the cut evaluation, the state latest.pt holds, every row of the finished run)
-OFFLINE_ROWS = [("offline", "0"), ("offline", "5")]
-CUT_EVALUATIONS = {
-    "pre-training": (10, 0, 1, ("offline", 5), OFFLINE_ROWS + [("offline", "10")]),
-    "the switch": (5, 10, 2, ("online", 0), OFFLINE_ROWS + [("online", "0"), ("online", "5"), ("online", "10")]),
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("where", CUT_EVALUATIONS)
+@pytest.mark.parametrize("where", BASELINE_CUT_EVALUATIONS)
 def test_a_stop_signal_during_an_evaluation_ends_it_and_resume_redoes_it(where, datasets_path, tmp_path):
-    # Evaluations of 150 episodes every 5 steps: the run spends nearly all its time evaluating, so a SIGTERM sent
-    # just after a row lands in the next evaluation (latest.pt says which). Not a mid-fine-tuning evaluation: there
-    # a stop signal cuts the training episode, so a resumed run cannot match an uninterrupted one.
-    K, T, rows_before, (phase, step), rows = CUT_EVALUATIONS[where]
-    flags = ["--dataset", "uniform-random", "--random-dataset-steps", 400, "--offline-steps", K, "--online-steps", T]
-    flags += [
-        "--eval-every",
-        5,
-        "--eval-episodes",
-        150,
-        "--hidden-dim",
-        16,
-        "--batch-size",
-        32,
-        "--ratio-hidden-dim",
-        16,
-    ]
-    kw = dict(datasets_path=datasets_path, cwd=tmp_path)
-    run_b, state = sigterm_during_an_evaluation(SCRIPT, flags, tmp_path / "b", "progress.csv", rows_before, **kw)
-    assert state["evaluation_due"], "latest.pt marks the cut evaluation as due"
-    assert (state["phase"], state["step"]) == (phase, step), "the state saved is the one before the evaluation"
-    assert len(read_csv(run_b / "progress.csv")) == rows_before, "the cut evaluation wrote no row"
-    run_to_the_end(SCRIPT, "--resume", run_b, **kw)
-    run_to_the_end(SCRIPT, *flags, "--output-dir", tmp_path / "a", **kw)
-    (run_a,) = (tmp_path / "a").iterdir()
-    assert [(r["phase"], r["step"]) for r in read_csv(run_b / "progress.csv")] == rows, "each evaluation once"
-    assert numbers(run_b, br.COLUMNS) == numbers(run_a, br.COLUMNS), "same numbers"
-    assert read_csv(run_b / "episodes.csv") == read_csv(run_a / "episodes.csv"), "same training episodes"
-    assert_same_networks(run_a, run_b, ("actor", "critic", "actor_target", "critic_target", "ratio"))
+    parts = ("actor", "critic", "actor_target", "critic_target", "ratio")
+    check_a_stop_signal_during_an_evaluation(
+        SCRIPT, where, ["--ratio-hidden-dim", 16], br.COLUMNS, parts, datasets_path=datasets_path, tmp_path=tmp_path
+    )

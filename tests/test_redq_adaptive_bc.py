@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from conftest import (
     HOPPER_REF,
+    OFFLINE_ROWS,
     TIMINGS,
     TINY,
     FixedActor,
@@ -1360,7 +1361,6 @@ def test_killed_preempted_and_resumed_run_ends_like_an_uninterrupted_one(dataset
     assert_same_state(final_a, final_b, where=f"seed {seed}")
 
 
-OFFLINE_ROWS = [("offline", "0"), ("offline", "5")]
 # (K, T, rows written before the cut evaluation, latest.pt's (phase, step, evaluation_due), every row at the end)
 CUT_EVALUATIONS = {
     "pre-training": (10, 0, 1, ("offline", 5, True), OFFLINE_ROWS + [("offline", "10")]),
